@@ -1,0 +1,83 @@
+"""The ASGI application: ``uvicorn services.api.app:create_app --factory``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.sessions import SessionMiddleware
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from services.api import health, login, report
+from services.api.errors import handle_domain_error, handle_http_exception
+from services.api.middleware import SecurityHeadersMiddleware
+from shared.db import make_engine, make_sessionmaker
+from shared.errors import OrdersExportError
+from shared.settings import Settings, load_settings
+
+HERE = Path(__file__).parent
+#: Name of the session cookie.
+SESSION_COOKIE = "oex_session"
+#: Lifetime of a browser session (seconds, 14 days).
+SESSION_MAX_AGE = 14 * 24 * 3600
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """Build the app; reads the environment only when no settings are given."""
+    settings = settings or load_settings()
+    engine = make_engine(settings.database_url)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        engine.dispose()
+
+    routes = [
+        Route("/", report.home, name="home"),
+        Route("/login", login.login_form, methods=["GET"], name="login"),
+        Route("/login", login.login, methods=["POST"]),
+        Route("/logout", login.logout, methods=["POST"], name="logout"),
+        Route("/healthz", health.healthz),
+        Route("/readyz", health.readyz),
+        Route("/metrics", health.metrics),
+        Route("/accounts/{slug}/orders", report.orders_page, name="orders_page"),
+        Route("/api/v1/accounts/{slug}/orders", report.orders_api),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+    middleware = [
+        Middleware(SecurityHeadersMiddleware, hsts=settings.session_cookie_secure),
+        Middleware(
+            SessionMiddleware,
+            secret_key=settings.secret_key,
+            session_cookie=SESSION_COOKIE,
+            max_age=SESSION_MAX_AGE,
+            same_site="lax",
+            https_only=settings.session_cookie_secure,
+        ),
+    ]
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={
+            OrdersExportError: handle_domain_error,
+            HTTPException: handle_http_exception,
+        },
+        lifespan=lifespan,
+    )
+    environment = Environment(
+        loader=FileSystemLoader(HERE / "templates"),
+        autoescape=select_autoescape(),
+        auto_reload=False,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessions = make_sessionmaker(engine)
+    app.state.templates = Jinja2Templates(env=environment)
+    return app

@@ -1,0 +1,75 @@
+"""The one table that maps domain errors to HTTP, and the JSON error body."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+
+from shared import errors
+
+#: Domain error class -> HTTP status. The most specific class in an error's MRO wins.
+STATUS_BY_ERROR: dict[type[errors.OrdersExportError], int] = {
+    errors.ValidationError: 422,
+    errors.Unauthenticated: 401,
+    errors.Forbidden: 403,
+    errors.CsrfFailed: 403,
+    errors.NotFound: 404,
+    errors.TooManyAttempts: 429,
+    errors.ConfigurationError: 500,
+}
+
+
+def status_for(exc: errors.OrdersExportError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return 400
+
+
+def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, **extra}}
+
+
+def wants_html(request: Request) -> bool:
+    """Browser page routes answer in HTML; everything under /api answers JSON."""
+    if request.url.path.startswith("/api/"):
+        return False
+    return "text/html" in request.headers.get("accept", "")
+
+
+async def handle_domain_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, errors.OrdersExportError)
+    status = status_for(exc)
+    if isinstance(exc, errors.Unauthenticated) and wants_html(request):
+        from services.api.auth import login_redirect
+
+        return login_redirect(request)
+    headers = {}
+    if isinstance(exc, errors.TooManyAttempts):
+        headers["Retry-After"] = str(exc.retry_after)
+    if wants_html(request):
+        templates = request.app.state.templates
+        return templates.TemplateResponse(  # type: ignore[no-any-return]
+            request,
+            "error.html",
+            {"status": status, "message": exc.message},
+            status_code=status,
+            headers=headers,
+        )
+    return JSONResponse(error_body(exc.code, exc.message, **exc.details), status, headers=headers)
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
+    from starlette.exceptions import HTTPException
+
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse(
+        error_body(code, str(exc.detail)), exc.status_code, headers=dict(exc.headers or {})
+    )
+
+
+def redirect(url: str) -> RedirectResponse:
+    return RedirectResponse(url, status_code=303)

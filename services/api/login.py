@@ -1,0 +1,102 @@
+"""Login and logout for browser users (session cookie)."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from services.api.auth import CSRF_FIELD, csrf_token, require_caller, safe_next, start_session
+from services.api.errors import redirect
+from shared.errors import Forbidden, TooManyAttempts
+from shared.identity import authenticate, recent_login_failures, record_login_failure
+from shared.models import User
+
+
+def _same_origin(request: Request) -> bool:
+    """Login CSRF defence: a browser's Origin (or Referer) must be this site when sent."""
+    source = request.headers.get("origin") or request.headers.get("referer")
+    if not source or source == "null":
+        return source is None
+    parts = urlsplit(source)
+    return f"{parts.scheme}://{parts.netloc}" == f"{request.url.scheme}://{request.url.netloc}"
+
+
+async def login_form(request: Request) -> Response:
+    templates = request.app.state.templates
+    return templates.TemplateResponse(  # type: ignore[no-any-return]
+        request,
+        "login.html",
+        {
+            "next": safe_next(request.query_params.get("next")),
+            "csrf": csrf_token(request),
+            "error": None,
+        },
+    )
+
+
+def _login(request: Request, email: str, password: str) -> User | None:
+    settings = request.app.state.settings
+    with request.app.state.sessions() as session, session.begin():
+        failures = recent_login_failures(
+            session, email, window_seconds=settings.login_throttle_window_seconds
+        )
+        if failures >= settings.login_max_failures:
+            raise TooManyAttempts(
+                "too many failed logins; try again later",
+                retry_after=settings.login_throttle_window_seconds,
+            )
+        user = authenticate(session, email, password)
+        if user is None:
+            record_login_failure(session, email)
+        return user
+
+
+async def login(request: Request) -> Response:
+    if not _same_origin(request):
+        raise Forbidden("cross-site login refused")
+    form = await request.form()
+    email = str(form.get("email", ""))[:320]
+    password = str(form.get("password", ""))[:1024]
+    target = safe_next(str(form.get("next", "")) or None)
+    user = await run_in_threadpool(_login, request, email, password)
+    wants_json = "application/json" in request.headers.get("accept", "")
+    if user is None:
+        if wants_json:
+            return JSONResponse(
+                {"error": {"code": "invalid_credentials", "message": "invalid email or password"}},
+                401,
+            )
+        templates = request.app.state.templates
+        return templates.TemplateResponse(  # type: ignore[no-any-return]
+            request,
+            "login.html",
+            {
+                "next": target,
+                "csrf": csrf_token(request),
+                "error": "Invalid email or password.",
+                "email": email,
+            },
+            status_code=401,
+        )
+    start_session(request, user)
+    if wants_json:
+        return JSONResponse(
+            {"user": {"id": user.id, "email": user.email}, "csrf_token": request.session["csrf"]}
+        )
+    return redirect(target)
+
+
+def _check_logout(request: Request, submitted: str | None) -> None:
+    with request.app.state.sessions() as session:
+        require_caller(request, session, submitted_csrf=submitted)
+
+
+async def logout(request: Request) -> Response:
+    form = await request.form()
+    submitted = form.get(CSRF_FIELD)
+    await run_in_threadpool(_check_logout, request, str(submitted) if submitted else None)
+    request.session.clear()
+    return redirect("/login")

@@ -1,0 +1,145 @@
+"""The orders report: JSON API and HTML page, both from ``shared.report``."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlencode
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from services.api.auth import Caller, csrf_token, identify, login_redirect, require_caller
+from shared.access import account_for, accounts_of
+from shared.columns import COLUMNS, Kind
+from shared.errors import ValidationError
+from shared.filters import SORTS, OrderFilters, parse_filters
+from shared.models import ORDER_CHANNELS, ORDER_STATUSES, Account, Role
+from shared.report import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, ReportPage, column_headers, fetch_page
+
+#: Query parameters of the report that are not filters.
+PAGING_PARAMS = ("limit", "cursor")
+
+
+#: Columns rendered right-aligned in the HTML table.
+NUMERIC_KEYS = frozenset(c.key for c in COLUMNS if c.kind is Kind.NUMBER)
+
+
+def _last(raw: dict[str, list[str]], name: str) -> str | None:
+    values = raw.get(name) or [""]
+    return values[-1] or None
+
+
+def _raw_params(request: Request) -> dict[str, list[str]]:
+    return {key: request.query_params.getlist(key) for key in request.query_params}
+
+
+def parse_limit(values: list[str]) -> int:
+    if not values or values[-1] == "":
+        return DEFAULT_PAGE_SIZE
+    text = values[-1]
+    if not text.isdigit() or not 1 <= int(text) <= MAX_PAGE_SIZE:
+        raise ValidationError("limit", f"expected an integer from 1 to {MAX_PAGE_SIZE}")
+    return int(text)
+
+
+def _report(
+    request: Request, caller: Caller, slug: str, raw: dict[str, list[str]]
+) -> tuple[Account, Role, OrderFilters, ReportPage]:
+    with request.app.state.sessions() as session:
+        account, role = account_for(session, slug, caller.user)
+        filters = parse_filters(raw, ignore=PAGING_PARAMS)
+        limit = parse_limit(raw.get("limit", []))
+        page = fetch_page(session, account, filters, limit=limit, cursor=_last(raw, "cursor"))
+        return account, role, filters, page
+
+
+def _caller(request: Request) -> Caller:
+    with request.app.state.sessions() as session:
+        return require_caller(request, session)
+
+
+async def orders_api(request: Request) -> Response:
+    raw = _raw_params(request)
+    caller = await run_in_threadpool(_caller, request)
+    _, _, _, page = await run_in_threadpool(
+        _report, request, caller, request.path_params["slug"], raw
+    )
+    return JSONResponse(
+        {"columns": page.columns, "rows": page.rows, "next_cursor": page.next_cursor}
+    )
+
+
+def _sort_query(pairs: list[tuple[str, str]], sort: str) -> str:
+    return urlencode([(k, v) for k, v in pairs if k != "sort"] + [("sort", sort)])
+
+
+def _page_query(pairs: list[tuple[str, str]], cursor: str | None) -> str:
+    return urlencode(pairs + ([("cursor", cursor)] if cursor else []))
+
+
+def _page_context(
+    request: Request, caller: Caller, slug: str, raw: dict[str, list[str]]
+) -> tuple[dict[str, Any], int]:
+    try:
+        account, role, filters, page = _report(request, caller, slug, raw)
+        error = None
+    except ValidationError as exc:
+        with request.app.state.sessions() as session:
+            account, role = account_for(session, slug, caller.user)
+        filters, page, error = OrderFilters(), None, exc
+    context = {
+        "account": account,
+        "role": role.value,
+        "user": caller.user,
+        "filters": filters,
+        "raw": raw,
+        "columns": page.columns if page else column_headers(account.timezone),
+        "rows": page.rows if page else [],
+        "next_cursor": page.next_cursor if page else None,
+        "next_query": filters.to_query()
+        + ([("limit", limit)] if (limit := _last(raw, "limit")) else []),
+        "sort_query": _sort_query,
+        "page_query": _page_query,
+        "numeric_keys": NUMERIC_KEYS,
+        "error": error,
+        "statuses": ORDER_STATUSES,
+        "channels": ORDER_CHANNELS,
+        "sorts": list(SORTS),
+        "csrf": csrf_token(request),
+    }
+    return context, 422 if error else 200
+
+
+def _html_caller(request: Request) -> Caller | None:
+    with request.app.state.sessions() as session:
+        return identify(request, session)
+
+
+async def orders_page(request: Request) -> Response:
+    caller = await run_in_threadpool(_html_caller, request)
+    if caller is None:
+        return login_redirect(request)
+    context, status = await run_in_threadpool(
+        _page_context, request, caller, request.path_params["slug"], _raw_params(request)
+    )
+    templates = request.app.state.templates
+    return templates.TemplateResponse(request, "orders.html", context, status_code=status)  # type: ignore[no-any-return]
+
+
+def _home(request: Request, caller: Caller) -> list[tuple[Account, Role]]:
+    with request.app.state.sessions() as session:
+        return accounts_of(session, caller.user)
+
+
+async def home(request: Request) -> Response:
+    caller = await run_in_threadpool(_html_caller, request)
+    if caller is None:
+        return login_redirect(request)
+    memberships = await run_in_threadpool(_home, request, caller)
+    templates = request.app.state.templates
+    return templates.TemplateResponse(  # type: ignore[no-any-return]
+        request,
+        "home.html",
+        {"user": caller.user, "memberships": memberships, "csrf": csrf_token(request)},
+    )

@@ -1,0 +1,96 @@
+"""The orders report's columns: defined once, used by the HTML table, the JSON API and the CSV.
+
+Each column carries its SQL *display expression*: PostgreSQL renders the display string, so the
+three outputs cannot drift apart and the CSV export can be one ``COPY (SELECT ...)``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import ColumnElement, Table, Text, case, cast, func, literal
+
+from shared.models import Order
+
+
+class Kind(enum.Enum):
+    """How a column's display value is made; only TEXT values get the CSV formula guard."""
+
+    TEXT = "text"
+    NUMBER = "number"
+    TIMESTAMP = "timestamp"
+
+
+#: Characters that make a spreadsheet read a cell as a formula (CSV formula-injection guard).
+FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+
+Expression = Callable[[Table, ColumnElement[str]], ColumnElement[str]]
+
+
+@dataclass(frozen=True)
+class Column:
+    """One report column: stable key, human label, and the SQL that renders its display value."""
+
+    key: str
+    label: str
+    kind: Kind
+    display: Expression
+
+    def label_for(self, timezone: str) -> str:
+        return self.label.format(timezone=timezone)
+
+
+def _as_text(name: str) -> Expression:
+    return lambda orders, _tz: cast(orders.c[name], Text)
+
+
+def _local_minute(orders: Table, tz: ColumnElement[str]) -> ColumnElement[str]:
+    return func.to_char(func.timezone(tz, orders.c.placed_at), "YYYY-MM-DD HH24:MI")
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column("number", "Order", Kind.TEXT, _as_text("number")),
+    Column("placed_at", "Placed at ({timezone})", Kind.TIMESTAMP, _local_minute),
+    Column("customer_name", "Customer", Kind.TEXT, _as_text("customer_name")),
+    Column("customer_email", "Email", Kind.TEXT, _as_text("customer_email")),
+    Column("status", "Status", Kind.TEXT, _as_text("status")),
+    Column("channel", "Channel", Kind.TEXT, _as_text("channel")),
+    Column("items_count", "Items", Kind.NUMBER, _as_text("items_count")),
+    # numeric(12,2)::text is a plain decimal with 2 places, '.' separator, no grouping.
+    Column("subtotal", "Subtotal", Kind.NUMBER, _as_text("subtotal")),
+    Column("tax", "Tax", Kind.NUMBER, _as_text("tax")),
+    Column("shipping", "Shipping", Kind.NUMBER, _as_text("shipping")),
+    Column("total", "Total", Kind.NUMBER, _as_text("total")),
+    Column("currency", "Currency", Kind.TEXT, _as_text("currency")),
+)
+
+#: Bumped whenever COLUMNS changes; stored in each export's snapshot.
+COLUMN_SET_VERSION = 1
+
+
+def formula_guarded(value: ColumnElement[str]) -> ColumnElement[str]:
+    """Prefix ``'`` to a text value that a spreadsheet would run as a formula."""
+    triggers = [literal(ch) for ch in FORMULA_TRIGGERS]
+    return case((func.left(value, 1).in_(triggers), literal("'") + value), else_=value)
+
+
+def guard_text(value: str) -> str:
+    """The Python twin of :func:`formula_guarded`, for values rendered outside PostgreSQL."""
+    return "'" + value if value[:1] in FORMULA_TRIGGERS else value
+
+
+def display_columns(
+    timezone: ColumnElement[str], *, guard_formulas: bool
+) -> list[ColumnElement[str]]:
+    """The SELECT list of the report, each expression labelled with its column key."""
+    table = Order.__table__
+    assert isinstance(table, Table)
+    selected: list[ColumnElement[str]] = []
+    for column in COLUMNS:
+        value = column.display(table, timezone)
+        if guard_formulas and column.kind is Kind.TEXT:
+            value = formula_guarded(value)
+        selected.append(value.label(column.key))
+    return selected

@@ -1,0 +1,46 @@
+"""Database engines and sessions (SQLAlchemy 2 over psycopg 3)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.orm import Session, sessionmaker
+
+#: Connections kept open per process by the pool.
+POOL_SIZE = 10
+
+
+def sqlalchemy_url(database_url: str) -> str:
+    """Turn a libpq-style ``postgresql://`` URL into SQLAlchemy's psycopg 3 dialect URL."""
+    for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
+        if database_url.startswith(prefix):
+            return "postgresql+psycopg://" + database_url[len(prefix) :]
+    raise ValueError("not a PostgreSQL URL")
+
+
+def libpq_url(database_url: str) -> str:
+    """The URL as psycopg's own ``connect()`` takes it."""
+    return database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+def make_engine(database_url: str, *, pool_size: int = POOL_SIZE) -> Engine:
+    """An engine with a pool that checks connections before use (servers restart)."""
+    return create_engine(
+        sqlalchemy_url(database_url),
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+    )
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A session whose work is committed on success and rolled back on error."""
+    with factory() as session, session.begin():
+        yield session

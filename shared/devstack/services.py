@@ -1,0 +1,31 @@
+"""The long-running services of the local stack, as data: one :class:`ServiceSpec` each."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceSpec:
+    """A service run as ``python -m <args>``; ``{host}`` and ``{port}`` in ``args`` are the
+    API's address. With ``health_path`` the stack waits for HTTP 200 there before going on."""
+
+    name: str
+    args: tuple[str, ...]
+    health_path: str | None = None
+
+    def argv(self, *, host: str, port: int) -> list[str]:
+        """The command line for this service."""
+        return [sys.executable, "-m", *(arg.format(host=host, port=port) for arg in self.args)]
+
+
+#: Started in this order, stopped in reverse.
+SERVICES: tuple[ServiceSpec, ...] = (
+    ServiceSpec(
+        name="api",
+        args=("uvicorn", "services.api.app:create_app", "--factory", "--host", "{host}",
+              "--port", "{port}", "--no-access-log"),
+        health_path="/healthz",
+    ),
+)  # fmt: skip

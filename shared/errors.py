@@ -1,0 +1,71 @@
+"""One error hierarchy for the whole product.
+
+The domain raises these; each entry point maps them to its own medium (HTTP status codes live in
+``services/api/errors.py``, exit codes in ``shared/cli.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class OrdersExportError(Exception):
+    """Base class for every error this product raises on purpose."""
+
+    #: A stable, machine-readable code (part of the HTTP contract).
+    code = "error"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class ConfigurationError(OrdersExportError):
+    """A required setting is missing or malformed."""
+
+    code = "configuration_error"
+
+
+class ValidationError(OrdersExportError):
+    """User input was rejected; ``field`` names the offending input."""
+
+    code = "validation_error"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}", field=field)
+        self.field = field
+
+
+class NotFound(OrdersExportError):
+    """The thing does not exist, or the caller may not know that it exists."""
+
+    code = "not_found"
+
+
+class Unauthenticated(OrdersExportError):
+    """No valid session or bearer token came with the request."""
+
+    code = "unauthenticated"
+
+
+class Forbidden(OrdersExportError):
+    """The caller is known but lacks the role the action needs."""
+
+    code = "forbidden"
+
+
+class CsrfFailed(Forbidden):
+    """A cookie-authenticated write came without a valid CSRF token."""
+
+    code = "csrf_failed"
+
+
+class TooManyAttempts(OrdersExportError):
+    """Too many attempts in a short time (login throttling)."""
+
+    code = "too_many_attempts"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.retry_after = retry_after

@@ -1,0 +1,161 @@
+"""Users, memberships and credentials: argon2 password hashes and hashed bearer tokens."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import secrets
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import delete, func, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from shared.errors import NotFound, ValidationError
+from shared.models import Account, ApiToken, LoginAttempt, Membership, Role, User
+
+#: Prefix of every bearer token, so leaked tokens are recognisable by secret scanners.
+TOKEN_PREFIX = "oex_"  # noqa: S105 (a prefix, not a secret)
+#: Random bytes in a bearer token.
+TOKEN_BYTES = 32
+
+_hasher = PasswordHasher()
+# A real hash to verify against when the email is unknown, so timing does not reveal accounts.
+_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+def hash_password(password: str) -> str:
+    if len(password) < 8:
+        raise ValidationError("password", "at least 8 characters")
+    return _hasher.hash(password)
+
+
+def verify_password(password_hash: str, password: str) -> bool:
+    try:
+        return _hasher.verify(password_hash, password)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def find_user(session: Session, email: str) -> User | None:
+    return session.scalar(select(User).where(func.lower(User.email) == email.strip().lower()))
+
+
+def authenticate(session: Session, email: str, password: str) -> User | None:
+    """The active user with this email and password, or None (constant-ish time either way)."""
+    user = find_user(session, email)
+    if user is None:
+        verify_password(_DUMMY_HASH, password)
+        return None
+    if not verify_password(user.password_hash, password) or not user.is_active:
+        return None
+    return user
+
+
+def recent_login_failures(session: Session, email: str, *, window_seconds: int) -> int:
+    since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=window_seconds)
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(LoginAttempt)
+            .where(func.lower(LoginAttempt.email) == email.strip().lower())
+            .where(LoginAttempt.attempted_at >= since)
+        )
+        or 0
+    )
+
+
+def record_login_failure(session: Session, email: str) -> None:
+    session.add(LoginAttempt(email=email.strip().lower()[:320]))
+
+
+def ensure_account(
+    session: Session, *, slug: str, name: str | None = None, timezone: str = "UTC"
+) -> Account:
+    """The account with ``slug``, created if missing (concurrency-safe)."""
+    session.execute(
+        insert(Account)
+        .values(slug=slug, name=name or slug, timezone=timezone)
+        .on_conflict_do_nothing(index_elements=["slug"])
+    )
+    return get_account(session, slug)
+
+
+def get_account(session: Session, slug: str) -> Account:
+    account = session.scalar(select(Account).where(Account.slug == slug))
+    if account is None:
+        raise NotFound(f"no account {slug!r}")
+    return account
+
+
+def upsert_user(
+    session: Session, *, email: str, password: str, display_name: str | None = None
+) -> User:
+    """Create the user or reset its password (and reactivate it)."""
+    email = email.strip()
+    if "@" not in email or len(email) > 320:
+        raise ValidationError("email", "not an email address")
+    user = find_user(session, email)
+    password_hash = hash_password(password)
+    if user is None:
+        user = User(
+            email=email,
+            display_name=display_name or email.split("@")[0],
+            password_hash=password_hash,
+        )
+        session.add(user)
+    else:
+        user.password_hash = password_hash
+        user.is_active = True
+    session.flush()
+    return user
+
+
+def set_membership(session: Session, *, account: Account, user: User, role: Role) -> None:
+    session.execute(
+        insert(Membership)
+        .values(account_id=account.id, user_id=user.id, role=role)
+        .on_conflict_do_update(index_elements=["account_id", "user_id"], set_={"role": role})
+    )
+
+
+def remove_membership(session: Session, *, account: Account, user: User) -> bool:
+    """Drop the membership; True when there was one."""
+    result = session.execute(
+        delete(Membership).where(Membership.account_id == account.id, Membership.user_id == user.id)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def role_in(session: Session, *, account: Account, user: User) -> Role | None:
+    """The user's role in the account right now, or None when not a member."""
+    return session.scalar(
+        select(Membership.role).where(
+            Membership.account_id == account.id, Membership.user_id == user.id
+        )
+    )
+
+
+def token_digest(token: str) -> str:
+    # Tokens carry 256 bits of randomness, so a fast hash is the right tool (no brute force).
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_token(session: Session, user: User) -> str:
+    """A new bearer token for ``user``; only its digest is stored."""
+    token = TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
+    session.add(ApiToken(user_id=user.id, token_sha256=token_digest(token)))
+    return token
+
+
+def user_for_token(session: Session, token: str) -> User | None:
+    """The active user owning this unrevoked token, or None."""
+    if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+        return None
+    return session.scalar(
+        select(User)
+        .join(ApiToken, ApiToken.user_id == User.id)
+        .where(ApiToken.token_sha256 == token_digest(token), ApiToken.revoked_at.is_(None))
+        .where(User.is_active.is_(True))
+    )

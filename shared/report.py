@@ -1,0 +1,160 @@
+"""The orders report query: filters -> SQL, keyset pagination, and the export's SELECT."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import json
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import ColumnElement, Select, bindparam, func, literal_column, select, tuple_
+from sqlalchemy.orm import Session
+
+from shared.columns import COLUMNS, display_columns
+from shared.errors import ValidationError
+from shared.filters import SORTS, OrderFilters
+from shared.models import ORDER_SEARCH_DOCUMENT_SQL, Account, Order
+
+#: Rows per report page unless the caller asks otherwise.
+DEFAULT_PAGE_SIZE = 100
+#: Largest page the report API serves.
+MAX_PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class ReportPage:
+    """One page of the report: column headers, display rows and the cursor of the next page."""
+
+    columns: list[dict[str, str]]
+    rows: list[dict[str, str]]
+    next_cursor: str | None
+
+
+def column_headers(timezone: str) -> list[dict[str, str]]:
+    return [{"key": c.key, "label": c.label_for(timezone)} for c in COLUMNS]
+
+
+def _local_midnight(day: dt.date, timezone: str) -> dt.datetime:
+    return dt.datetime.combine(day, dt.time(), tzinfo=ZoneInfo(timezone))
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def filter_conditions(account: Account, filters: OrderFilters) -> list[ColumnElement[bool]]:
+    """WHERE conditions of the report for one account (always scoped to that account)."""
+    conditions: list[ColumnElement[bool]] = [Order.account_id == account.id]
+    if filters.status:
+        conditions.append(Order.status.in_(filters.status))
+    if filters.channel:
+        conditions.append(Order.channel.in_(filters.channel))
+    if filters.placed_from:
+        conditions.append(Order.placed_at >= _local_midnight(filters.placed_from, account.timezone))
+    if filters.placed_to:
+        next_day = filters.placed_to + dt.timedelta(days=1)
+        conditions.append(Order.placed_at < _local_midnight(next_day, account.timezone))
+    if filters.q:
+        pattern = "%" + _like_escape(filters.q.lower()) + "%"
+        document: ColumnElement[str] = literal_column(ORDER_SEARCH_DOCUMENT_SQL)
+        conditions.append(document.like(pattern, escape="\\"))
+    if filters.min_total is not None:
+        conditions.append(Order.total >= filters.min_total)
+    if filters.max_total is not None:
+        conditions.append(Order.total <= filters.max_total)
+    return conditions
+
+
+def _sort_key(filters: OrderFilters) -> tuple[Any, bool]:
+    name, descending = SORTS[filters.sort]
+    return getattr(Order, name), descending
+
+
+def _order_by(filters: OrderFilters) -> list[ColumnElement[Any]]:
+    column, descending = _sort_key(filters)
+    if descending:
+        return [column.desc(), Order.id.desc()]
+    return [column.asc(), Order.id.asc()]
+
+
+def report_select(
+    account: Account, filters: OrderFilters, *, guard_formulas: bool
+) -> Select[*tuple[Any, ...]]:
+    """The report's rows as display strings, in report order (the export's COPY source)."""
+    timezone: ColumnElement[str] = bindparam("account_timezone", account.timezone)
+    query: Select[*tuple[Any, ...]] = (
+        select(*display_columns(timezone, guard_formulas=guard_formulas))
+        .where(*filter_conditions(account, filters))
+        .order_by(*_order_by(filters))
+    )
+    return query
+
+
+def _encode_cursor(sort: str, value: Any, order_id: int) -> str:
+    if isinstance(value, dt.datetime):
+        value = value.isoformat()
+    elif isinstance(value, Decimal):
+        value = str(value)
+    raw = json.dumps([sort, value, order_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str, filters: OrderFilters) -> tuple[Any, int]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        sort, value, order_id = json.loads(raw)
+        if sort != filters.sort or not isinstance(order_id, int) or not isinstance(value, str):
+            raise ValueError
+        name, _ = SORTS[sort]
+        typed: Any
+        if name == "placed_at":
+            typed = dt.datetime.fromisoformat(value)
+            if typed.tzinfo is None:
+                raise ValueError
+        elif name == "total":
+            typed = Decimal(value)
+            if not typed.is_finite():
+                raise ValueError
+        else:
+            typed = value
+    except (ValueError, TypeError, binascii.Error, InvalidOperation, UnicodeDecodeError):
+        raise ValidationError("cursor", "invalid or stale cursor; start again without it") from None
+    return typed, order_id
+
+
+def fetch_page(
+    session: Session,
+    account: Account,
+    filters: OrderFilters,
+    *,
+    limit: int = DEFAULT_PAGE_SIZE,
+    cursor: str | None = None,
+) -> ReportPage:
+    """One page of the report, walking the sort's index from ``cursor`` (keyset pagination)."""
+    sort_column, descending = _sort_key(filters)
+    query = report_select(account, filters, guard_formulas=False).add_columns(
+        sort_column.label("_sort_value"), Order.id.label("_order_id")
+    )
+    if cursor:
+        value, order_id = _decode_cursor(cursor, filters)
+        position = tuple_(sort_column, Order.id)
+        boundary = tuple_(bindparam("cursor_value", value, type_=sort_column.type), order_id)
+        query = query.where(position < boundary if descending else position > boundary)
+    result = session.execute(query.limit(limit + 1)).mappings().all()
+    keys = [c.key for c in COLUMNS]
+    rows = [{key: row[key] for key in keys} for row in result[:limit]]
+    next_cursor = None
+    if len(result) > limit:
+        last = result[limit - 1]
+        next_cursor = _encode_cursor(filters.sort, last["_sort_value"], last["_order_id"])
+    return ReportPage(column_headers(account.timezone), rows, next_cursor)
+
+
+def count_rows(session: Session, account: Account, filters: OrderFilters, *, bound: int) -> int:
+    """Matching rows, counting no further than ``bound`` (never a full scan of a big account)."""
+    inner = select(Order.id).where(*filter_conditions(account, filters)).limit(bound).subquery()
+    return int(session.execute(select(func.count()).select_from(inner)).scalar_one())

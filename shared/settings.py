@@ -1,0 +1,78 @@
+"""Settings, read from the environment in exactly one place (:func:`load_settings`).
+
+Everything else receives a :class:`Settings` instance; tests build one directly.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.errors import ConfigurationError
+
+#: Above this many rows an export runs as a background job (rows).
+DEFAULT_ASYNC_THRESHOLD_ROWS = 10_000
+#: Hard cap on the rows of one export (rows).
+DEFAULT_MAX_ROWS = 10_000_000
+#: Lifetime of an export file after it became ready (seconds, 7 days).
+DEFAULT_FILE_TTL_SECONDS = 7 * 24 * 3600
+#: Lifetime of a signed download link (seconds, 7 days).
+DEFAULT_LINK_TTL_SECONDS = 7 * 24 * 3600
+#: Queued + running exports one user may have at once.
+DEFAULT_MAX_ACTIVE_PER_USER = 5
+
+
+class Settings(BaseSettings):
+    """Every knob of every service. Field names map to upper-case environment variables."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    database_url: str
+    secret_key: str = Field(min_length=16)
+    redis_url: str | None = None
+    kafka_bootstrap_servers: str | None = None
+    storage_url: str | None = None
+    smtp_url: str | None = None
+    public_url: str | None = None
+    export_database_url: str | None = None
+
+    export_async_threshold_rows: int = Field(DEFAULT_ASYNC_THRESHOLD_ROWS, ge=0)
+    export_max_rows: int = Field(DEFAULT_MAX_ROWS, ge=1)
+    export_file_ttl_seconds: int = Field(DEFAULT_FILE_TTL_SECONDS, ge=1)
+    export_link_ttl_seconds: int = Field(DEFAULT_LINK_TTL_SECONDS, ge=1)
+    export_max_active_per_user: int = Field(DEFAULT_MAX_ACTIVE_PER_USER, ge=1)
+
+    #: Send the session cookie only over HTTPS (turn on behind TLS).
+    session_cookie_secure: bool = False
+    #: Failed logins per email within ``login_throttle_window_seconds`` before refusing.
+    login_max_failures: int = Field(5, ge=1)
+    login_throttle_window_seconds: int = Field(300, ge=1)
+
+    @field_validator("database_url", "export_database_url")
+    @classmethod
+    def _known_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL")
+        return value
+
+    def require(self, name: str) -> str:
+        """Return the optional setting ``name`` or fail naming its environment variable."""
+        value = getattr(self, name)
+        if not value:
+            raise ConfigurationError(f"missing required setting {name.upper()}")
+        return str(value)
+
+
+def load_settings() -> Settings:
+    """Read :class:`Settings` from the environment, turning pydantic's report into one line."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = ".".join(str(part) for part in error["loc"]).upper()
+            if error["type"] == "missing":
+                problems.append(f"missing required setting {name}")
+            else:
+                problems.append(f"invalid setting {name}: {error['msg']}")
+        raise ConfigurationError("; ".join(problems)) from None
