@@ -69,3 +69,67 @@ class TooManyAttempts(OrdersExportError):
     def __init__(self, message: str, *, retry_after: int) -> None:
         super().__init__(message, retry_after=retry_after)
         self.retry_after = retry_after
+
+
+class Conflict(OrdersExportError):
+    """The action does not fit the current state (e.g. retrying a running export)."""
+
+    code = "conflict"
+
+
+class InvalidTransition(Conflict):
+    """An export state change that the state machine does not allow."""
+
+    code = "invalid_transition"
+
+
+class ExportsDisabled(OrdersExportError):
+    """The ``exports_enabled`` switch is off."""
+
+    code = "exports_disabled"
+
+
+class TooManyActiveExports(OrdersExportError):
+    """The user already has the maximum number of queued and running exports."""
+
+    code = "too_many_active_exports"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.retry_after = retry_after
+
+
+class TooManyRows(OrdersExportError):
+    """The export would exceed the hard row cap (never silently truncated)."""
+
+    code = "too_many_rows"
+
+
+class LinkExpired(OrdersExportError):
+    """A signed download link is past its expiry."""
+
+    code = "link_expired"
+
+
+class FileExpired(OrdersExportError):
+    """The export's file has expired and was deleted."""
+
+    code = "file_expired"
+
+
+class BadSignature(Forbidden):
+    """A download link's signature does not verify."""
+
+    code = "bad_signature"
+
+
+class UndecodableEvent(OrdersExportError):
+    """A Kafka message that is not a known event (goes to the dead-letter topic)."""
+
+    code = "undecodable_event"
+
+
+class StorageError(OrdersExportError):
+    """Object storage failed (unreachable, refused, or an object is missing)."""
+
+    code = "storage_error"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import uuid
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -19,9 +21,11 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    Uuid,
     func,
     text,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -171,3 +175,162 @@ class LoginAttempt(Base):
     attempted_at: Mapped[dt.datetime] = _now()
 
     __table_args__ = (Index("login_failures_email_idx", func.lower(email), "attempted_at"),)
+
+
+class ExportState(enum.StrEnum):
+    """The states of an export job (transitions in ``shared/jobs.py``, enforced by a trigger)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    READY = "ready"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    EXPIRED = "expired"
+
+
+class ErrorClass(enum.StrEnum):
+    """Who can fix a failed export."""
+
+    RETRYABLE = "retryable"  # the system retries; the user may retry too
+    USER = "user"  # the user must change something (e.g. narrower filters)
+    ENGINEERING = "engineering"  # a bug or misconfiguration; contact support
+
+
+_export_state = Enum(
+    ExportState, name="export_state", values_callable=lambda e: [m.value for m in e]
+)
+
+
+class ExportJob(Base):
+    """One export: the filter snapshot, its state, progress, file and error."""
+
+    __tablename__ = "export_jobs"
+
+    id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, primary_key=True, server_default=text("gen_random_uuid()")
+    )
+    account_id: Mapped[int] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False
+    )
+    requested_by: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), nullable=False
+    )
+    state: Mapped[ExportState] = mapped_column(_export_state, nullable=False)
+    #: The normalized filter snapshot (``OrderFilters.to_snapshot()``), and its digest for dedupe.
+    filters: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    filters_digest: Mapped[str] = mapped_column(String(64), nullable=False)
+    column_set_version: Mapped[int] = mapped_column(Integer, nullable=False)
+    timezone: Mapped[str] = mapped_column(Text, nullable=False)
+    utf8_bom: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+
+    rows_estimate: Mapped[int | None] = mapped_column(BigInteger)
+    rows_written: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default=text("0"))
+    row_count: Mapped[int | None] = mapped_column(BigInteger)
+
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    max_attempts: Mapped[int] = mapped_column(Integer, nullable=False)
+    worker_id: Mapped[str | None] = mapped_column(Text)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    #: Last time a work message was sent for this job (the sweeper re-sends lost ones).
+    enqueued_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+    created_at: Mapped[dt.datetime] = _now()
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+    error_code: Mapped[str | None] = mapped_column(Text)
+    error_message: Mapped[str | None] = mapped_column(Text)
+    error_class: Mapped[ErrorClass | None] = mapped_column(
+        Enum(ErrorClass, name="export_error_class", values_callable=lambda e: [m.value for m in e])
+    )
+
+    storage_key: Mapped[str | None] = mapped_column(Text)
+    file_name: Mapped[str | None] = mapped_column(Text)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+
+    __table_args__ = (
+        Index("export_jobs_account_created_idx", "account_id", "created_at"),
+        Index("export_jobs_state_idx", "state", "created_at"),
+        # One in-flight export per user and filter set: duplicates get the existing one.
+        Index(
+            "export_jobs_inflight_key",
+            "requested_by",
+            "account_id",
+            "filters_digest",
+            unique=True,
+            postgresql_where=text("state IN ('queued', 'running')"),
+        ),
+        Index("export_jobs_idempotency_key", "requested_by", "idempotency_key", unique=True),
+        CheckConstraint("attempts >= 0 AND attempts <= max_attempts", name="attempts_bounded"),
+    )
+
+
+class ExportTransition(Base):
+    """History of every state change of an export (written by the database trigger)."""
+
+    __tablename__ = "export_transitions"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    export_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("export_jobs.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    from_state: Mapped[ExportState | None] = mapped_column(_export_state)
+    to_state: Mapped[ExportState] = mapped_column(_export_state, nullable=False)
+    actor: Mapped[str] = mapped_column(Text, nullable=False)
+    detail: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[dt.datetime] = _now()
+
+
+class OutboxMessage(Base):
+    """An event to publish to Kafka, written in the transaction that caused it."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    topic: Mapped[str] = mapped_column(Text, nullable=False)
+    key: Mapped[str] = mapped_column(Text, nullable=False)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    created_at: Mapped[dt.datetime] = _now()
+    published_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        Index("outbox_pending_idx", "id", postgresql_where=text("published_at IS NULL")),
+    )
+
+
+class Notification(Base):
+    """One email per export and kind; the unique key makes redelivered events harmless."""
+
+    __tablename__ = "notifications"
+
+    export_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("export_jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    kind: Mapped[str] = mapped_column(Text, primary_key=True)
+    recipient: Mapped[str] = mapped_column(Text, nullable=False)
+    event_id: Mapped[str] = mapped_column(Text, nullable=False)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = _now()
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (CheckConstraint("kind IN ('ready', 'failed')", name="kind_known"),)
+
+
+class DownloadAttempt(Base):
+    """Audit trail: every download attempt and its outcome."""
+
+    __tablename__ = "download_attempts"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    export_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True)
+    user_id: Mapped[int | None] = mapped_column(BigInteger)
+    outcome: Mapped[str] = mapped_column(Text, nullable=False)
+    client_ip: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[dt.datetime] = _now()

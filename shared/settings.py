@@ -42,6 +42,31 @@ class Settings(BaseSettings):
     export_link_ttl_seconds: int = Field(DEFAULT_LINK_TTL_SECONDS, ge=1)
     export_max_active_per_user: int = Field(DEFAULT_MAX_ACTIVE_PER_USER, ge=1)
 
+    #: Failed attempts of one export before it stays failed (attempt = one worker run).
+    export_max_attempts: int = Field(3, ge=1, le=20)
+    #: First automatic retry delay (seconds); doubles with every attempt.
+    export_retry_backoff_seconds: float = Field(5.0, ge=0)
+    #: A running job whose worker has not renewed its lease for this long is rescued (seconds).
+    export_lease_seconds: int = Field(30, ge=3)
+    #: Longest a single export query may run before it fails as user-fixable (seconds).
+    export_statement_timeout_seconds: int = Field(1800, ge=1)
+    #: Threads of the worker pool that serves the ``exports`` queue.
+    export_worker_threads: int = Field(2, ge=1, le=32)
+    #: A queued job whose work message is older than this is sent again (seconds).
+    export_requeue_after_seconds: int = Field(120, ge=10)
+    #: Cap on how fast one export streams rows out of PostgreSQL (bytes/s; 0 = no cap). A brake
+    #: for a primary under pressure; prefer EXPORT_DATABASE_URL (a replica) where there is one.
+    export_max_bytes_per_second: int = Field(0, ge=0)
+    #: Multipart part size of S3 uploads (MiB; S3 allows 5..5120).
+    storage_part_size_mib: int = Field(8, ge=5, le=5120)
+    #: Download link keys, ``kid:secret[,kid:secret...]``; the first signs, all verify.
+    #: Unset: one key derived from SECRET_KEY (kid ``k0``).
+    download_signing_keys: str | None = None
+    #: Kafka consumer session timeout (ms); lower it locally so restarts rejoin quickly.
+    kafka_session_timeout_ms: int = Field(45_000, ge=1000)
+    #: Sender of notification emails.
+    smtp_from: str = "Orders export <no-reply@orders-export.invalid>"
+
     #: Send the session cookie only over HTTPS (turn on behind TLS).
     session_cookie_secure: bool = False
     #: Failed logins per email within ``login_throttle_window_seconds`` before refusing.
