@@ -1,0 +1,200 @@
+"""Object storage for export files: one interface, a local-directory and an S3/MinIO adapter.
+
+Callers depend on :class:`Storage` only and get an adapter from :func:`storage_from_url`. Object
+keys come from :func:`new_object_key`; every adapter refuses keys that :func:`check_key` rejects.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import secrets
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Protocol
+from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
+
+from shared.errors import ConfigurationError
+
+__all__ = [
+    "CHUNK_BYTES",
+    "Storage",
+    "check_key",
+    "new_object_key",
+    "storage_from_url",
+]
+
+#: Size of the chunks read from a source and yielded by ``open`` (bytes, 256 KiB).
+CHUNK_BYTES = 256 * 1024
+#: Default multipart part size of S3 uploads (MiB).
+DEFAULT_PART_SIZE_MIB = 8
+#: Default lifetime of stored objects, enforced by the bucket lifecycle rule (days).
+DEFAULT_EXPIRE_DAYS = 7
+#: Random bytes in the unguessable part of an object key (bytes; 144 bits).
+KEY_TOKEN_BYTES = 18
+#: Longest accepted object key (characters; S3 allows 1024 bytes).
+MAX_KEY_LENGTH = 512
+
+_KEY_SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+_EXPORT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_URL_HELP = "expected file:///absolute/path or s3://ACCESS:SECRET@host:port/bucket"
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+
+
+class Storage(Protocol):
+    """Where export files live; every write is atomic and every read streams."""
+
+    def prepare(self) -> None:
+        """Set up once at service start (root directory, or bucket and lifecycle rule)."""
+        ...
+
+    def put(self, key: str, stream: BinaryIO) -> int:
+        """Store ``stream`` (read to EOF) under ``key`` atomically; return the byte count."""
+        ...
+
+    def open(self, key: str) -> Iterator[bytes]:
+        """Stream the object in chunks; closing the iterator releases it (missing: StorageError)."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove the object; a missing object is not an error."""
+        ...
+
+    def exists(self, key: str) -> bool:
+        """Whether an object is stored under ``key``."""
+        ...
+
+    def size(self, key: str) -> int:
+        """Size of the stored object in bytes (missing: StorageError)."""
+        ...
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a safe relative object key, else raise ValueError.
+
+    Segments are ``[A-Za-z0-9._-]`` joined by ``/`` and never start with a dot, so no key is
+    absolute, contains ``.``/``..``, or can collide with an adapter's temporary files.
+    """
+    if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH:
+        raise ValueError("invalid object key")
+    if not all(_KEY_SEGMENT.fullmatch(segment) for segment in key.split("/")):
+        raise ValueError("invalid object key")
+    return key
+
+
+def new_object_key(*, account_id: int, export_id: str) -> str:
+    """A fresh, unguessable key under the account's own prefix."""
+    if isinstance(account_id, bool) or not isinstance(account_id, int) or account_id < 1:
+        raise ValueError("account_id must be a positive integer")
+    if not isinstance(export_id, str) or not _EXPORT_ID.fullmatch(export_id):
+        raise ValueError("export_id must be 1-64 characters of [A-Za-z0-9_-]")
+    token = secrets.token_urlsafe(KEY_TOKEN_BYTES)
+    return check_key(f"accounts/{account_id}/exports/{export_id}/{token}.csv")
+
+
+def storage_from_url(
+    url: str,
+    *,
+    part_size_mib: int = DEFAULT_PART_SIZE_MIB,
+    expire_days: int = DEFAULT_EXPIRE_DAYS,
+) -> Storage:
+    """Build the adapter named by ``STORAGE_URL`` (``file://`` or ``s3://``)."""
+    try:
+        parts = urlsplit(url.strip())
+        scheme = parts.scheme.lower()
+    except (AttributeError, ValueError):
+        raise _invalid(_URL_HELP) from None
+    if scheme == "file":
+        return _local_from_url(parts)
+    if scheme == "s3":
+        return _s3_from_url(parts, part_size_mib=part_size_mib, expire_days=expire_days)
+    raise _invalid(_URL_HELP)
+
+
+def _local_from_url(parts: SplitResult) -> Storage:
+    from shared.storage.local import LocalStorage
+
+    if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
+        raise _invalid("a file:// URL takes an absolute path only: file:///absolute/path")
+    path = PurePosixPath(unquote(parts.path))
+    if not path.is_absolute() or ".." in path.parts:
+        raise _invalid("a file:// URL takes an absolute path only: file:///absolute/path")
+    return LocalStorage(root=Path(path))
+
+
+def _s3_from_url(parts: SplitResult, *, part_size_mib: int, expire_days: int) -> Storage:
+    from shared.storage.s3 import S3Storage
+
+    try:
+        host = parts.hostname
+        port = parts.port
+        raw_user = parts.username
+        raw_password = parts.password
+    except ValueError:
+        raise _invalid(_URL_HELP) from None
+    if not raw_user or not raw_password:
+        raise _invalid("an s3:// URL needs credentials: s3://ACCESS:SECRET@host:port/bucket")
+    if not host:
+        raise _invalid("an s3:// URL needs a host: s3://ACCESS:SECRET@host:port/bucket")
+    if parts.fragment:
+        raise _invalid(_URL_HELP)
+    bucket = parts.path.strip("/")
+    if not _BUCKET.fullmatch(bucket):
+        raise _invalid("an s3:// URL needs one valid bucket name as its path")
+
+    secure: bool | None = None
+    region: str | None = None
+    try:
+        params = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError:
+        raise _invalid("malformed query string") from None
+    seen: set[str] = set()
+    for name, value in params:
+        if name in seen:
+            raise _invalid("a query parameter is repeated")
+        seen.add(name)
+        if name == "secure":
+            if value.lower() in _TRUE:
+                secure = True
+            elif value.lower() in _FALSE:
+                secure = False
+            else:
+                raise _invalid("secure must be true or false")
+        elif name == "region":
+            if not re.fullmatch(r"[a-z0-9-]{1,64}", value):
+                raise _invalid("region must be a region name such as us-east-1")
+            region = value
+        else:
+            raise _invalid("unknown query parameter (allowed: secure, region)")
+
+    if secure is None:
+        secure = not _is_loopback(host)
+    endpoint = f"[{host}]" if ":" in host else host
+    if port is not None:
+        endpoint = f"{endpoint}:{port}"
+    return S3Storage(
+        endpoint=endpoint,
+        access_key=unquote(raw_user),
+        secret_key=unquote(raw_password),
+        bucket=bucket,
+        secure=secure,
+        region=region,
+        part_size_mib=part_size_mib,
+        expire_days=expire_days,
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _invalid(reason: str) -> ConfigurationError:
+    # Never include the URL itself: it may carry credentials.
+    return ConfigurationError(f"invalid setting STORAGE_URL: {reason}")

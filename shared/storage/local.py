@@ -1,0 +1,148 @@
+"""Object storage in a local directory (the default for development and tests)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Generator, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from shared.errors import StorageError
+from shared.storage import CHUNK_BYTES, Storage, check_key
+
+#: Suffix of the temporary files that ``put`` writes before renaming them into place.
+TEMP_SUFFIX = ".part"
+
+
+class LocalStorage(Storage):
+    """Objects as files under ``root``; keys are relative paths that never leave it."""
+
+    def __init__(self, *, root: Path) -> None:
+        if not root.is_absolute():
+            raise ValueError("root must be an absolute path")
+        self._root = root
+
+    @property
+    def root(self) -> Path:
+        """The directory that holds every object."""
+        return self._root
+
+    def __repr__(self) -> str:
+        return f"LocalStorage(root={str(self._root)!r})"
+
+    def prepare(self) -> None:
+        """Create the root directory."""
+        try:
+            self._root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError("cannot create the storage directory") from exc
+
+    def put(self, key: str, stream: BinaryIO) -> int:
+        """Write to a temporary file beside the target, fsync it, then rename it into place."""
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, temp_name = tempfile.mkstemp(
+                prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent
+            )
+        except OSError as exc:
+            raise StorageError("cannot write to the storage directory") from exc
+        temp = Path(temp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                size = _copy(stream, out)
+                _sync(out.fileno())
+            _rename(temp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temp.unlink(missing_ok=True)
+            raise
+        return size
+
+    def open(self, key: str) -> Iterator[bytes]:
+        """Open the file now (missing: StorageError); the chunks close it when done or closed."""
+        path = self._path(key)
+        try:
+            file = path.open("rb")
+        except FileNotFoundError as exc:
+            raise StorageError("stored object not found") from exc
+        except OSError as exc:
+            raise StorageError("cannot read from the storage directory") from exc
+        chunks = _chunks(file)
+        next(chunks)  # Start the generator so that closing it (or dropping it) closes the file.
+        return chunks
+
+    def delete(self, key: str) -> None:
+        """Remove the file if it is there."""
+        path = self._path(key)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError("cannot delete from the storage directory") from exc
+
+    def exists(self, key: str) -> bool:
+        """Whether a file is stored under ``key``."""
+        return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        """Size of the file in bytes."""
+        path = self._path(key)
+        try:
+            return path.stat().st_size
+        except FileNotFoundError as exc:
+            raise StorageError("stored object not found") from exc
+        except OSError as exc:
+            raise StorageError("cannot read from the storage directory") from exc
+
+    def _path(self, key: str) -> Path:
+        path = self._root.joinpath(*check_key(key).split("/"))
+        # Defence in depth: check_key already forbids absolute keys and dot segments.
+        if not path.is_relative_to(self._root):
+            raise ValueError("invalid object key")
+        return path
+
+
+def _copy(stream: BinaryIO, out: BinaryIO) -> int:
+    """Copy ``stream`` to ``out`` chunk by chunk; errors of the source propagate unchanged."""
+    size = 0
+    while chunk := stream.read(CHUNK_BYTES):
+        try:
+            out.write(chunk)
+        except OSError as exc:
+            raise StorageError("cannot write to the storage directory") from exc
+        size += len(chunk)
+    return size
+
+
+def _sync(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise StorageError("cannot write to the storage directory") from exc
+
+
+def _rename(temp: Path, path: Path) -> None:
+    """Atomically replace ``path`` with ``temp``, then persist the directory entry."""
+    try:
+        os.replace(temp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise StorageError("cannot write to the storage directory") from exc
+
+
+def _chunks(file: BinaryIO) -> Generator[bytes, None, None]:
+    """Yield an empty priming chunk, then the file's chunks; always close the file."""
+    try:
+        yield b""
+        while chunk := file.read(CHUNK_BYTES):
+            yield chunk
+    except OSError as exc:
+        raise StorageError("cannot read from the storage directory") from exc
+    finally:
+        file.close()

@@ -1,0 +1,488 @@
+"""Both storage adapters against real backends: a temp directory and moto's S3 server over TCP."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+import boto3  # type: ignore[import-untyped]
+import pytest
+from moto.server import ThreadedMotoServer
+
+import shared.storage.s3 as s3_module
+from shared.errors import ConfigurationError, StorageError
+from shared.storage import CHUNK_BYTES, Storage, check_key, new_object_key, storage_from_url
+from shared.storage.local import LocalStorage
+from shared.storage.s3 import S3Storage
+
+MIB = 1024 * 1024
+#: Smallest part size S3 allows, so a 12 MiB object becomes a 3-part upload (MiB).
+PART_SIZE_MIB = 5
+#: Size of the generated blocks of a PatternSource (bytes).
+BLOCK_BYTES = 64 * 1024
+ACCESS_KEY = "AKIDTESTACCESS"
+SECRET_KEY = "SUPERSECRETVALUE"
+
+
+class SourceFailed(RuntimeError):
+    """The test source broke mid-stream (stands in for a failing database cursor)."""
+
+
+class PatternSource(io.RawIOBase):
+    """A stream of unknown length generated block by block; optionally breaks part-way."""
+
+    def __init__(self, *, total: int, seed: int = 1, fail_after: int | None = None) -> None:
+        super().__init__()
+        self._blocks = _blocks(total, seed)
+        self._pending = b""
+        self._position = 0
+        self._fail_after = fail_after
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._fail_after is not None and self._position >= self._fail_after:
+            raise SourceFailed("source broke mid-stream")
+        if not self._pending:
+            self._pending = next(self._blocks, b"")
+        count = min(len(buffer), len(self._pending))
+        buffer[:count] = self._pending[:count]
+        self._pending = self._pending[count:]
+        self._position += count
+        return count
+
+
+def _blocks(total: int, seed: int) -> Iterator[bytes]:
+    rng = random.Random(seed)
+    remaining = total
+    while remaining > 0:
+        size = min(BLOCK_BYTES, remaining)
+        yield rng.randbytes(size)
+        remaining -= size
+
+
+def _digest(total: int, seed: int = 1) -> str:
+    digest = hashlib.sha256()
+    for block in _blocks(total, seed):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def _source(total: int, *, seed: int = 1, fail_after: int | None = None) -> BinaryIO:
+    return cast(BinaryIO, PatternSource(total=total, seed=seed, fail_after=fail_after))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _s3_client(endpoint: str) -> Any:
+    """An independent client (boto3) to look at what the adapter left on the server."""
+    return boto3.client(
+        "s3",
+        endpoint_url=f"http://{endpoint}",
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+        region_name="us-east-1",
+    )
+
+
+def _s3_storage(endpoint: str, **overrides: Any) -> S3Storage:
+    options: dict[str, Any] = {
+        "endpoint": endpoint,
+        "access_key": ACCESS_KEY,
+        "secret_key": SECRET_KEY,
+        "bucket": f"test-{uuid.uuid4().hex[:16]}",
+        "secure": False,
+        "region": "us-east-1",
+        "part_size_mib": PART_SIZE_MIB,
+        "expire_days": 7,
+    }
+    options.update(overrides)
+    return S3Storage(**options)
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    """A real S3-protocol server (moto) on a free loopback port, for this module."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    """Each adapter, prepared, with an empty root directory or a fresh bucket."""
+    adapter: Storage
+    if request.param == "local":
+        adapter = LocalStorage(root=tmp_path / "store")
+    else:
+        adapter = _s3_storage(request.getfixturevalue("moto_endpoint"))
+    adapter.prepare()
+    return adapter
+
+
+def _leftovers(storage: Storage) -> list[str]:
+    """Anything a failed put left behind: temp files, or incomplete multipart uploads."""
+    if isinstance(storage, LocalStorage):
+        return [str(p) for p in storage.root.rglob("*") if p.is_file()]
+    assert isinstance(storage, S3Storage)
+    client = _s3_client(storage.endpoint)
+    uploads = client.list_multipart_uploads(Bucket=storage.bucket).get("Uploads", [])
+    return [upload["Key"] for upload in uploads]
+
+
+def _key() -> str:
+    return new_object_key(account_id=7, export_id=uuid.uuid4().hex)
+
+
+# --- round trips -------------------------------------------------------------------------------
+
+
+def test_put_then_open_round_trips_a_multipart_stream_of_unknown_length(storage: Storage) -> None:
+    total = 12 * MIB
+    key = _key()
+
+    written = storage.put(key, _source(total))
+
+    assert written == total
+    assert storage.exists(key)
+    assert storage.size(key) == total
+    chunks = list(storage.open(key))
+    assert len(chunks) >= total // CHUNK_BYTES
+    assert all(0 < len(chunk) <= CHUNK_BYTES for chunk in chunks)
+    assert hashlib.sha256(b"".join(chunks)).hexdigest() == _digest(total)
+    if isinstance(storage, S3Storage):
+        head = _s3_client(storage.endpoint).head_object(Bucket=storage.bucket, Key=key)
+        assert head["ETag"].strip('"').endswith("-3"), "expected a 3-part multipart upload"
+
+
+def test_put_of_an_empty_stream_stores_an_empty_object(storage: Storage) -> None:
+    key = _key()
+    assert storage.put(key, _source(0)) == 0
+    assert storage.size(key) == 0
+    assert b"".join(storage.open(key)) == b""
+
+
+def test_put_replaces_an_existing_object(storage: Storage) -> None:
+    key = _key()
+    storage.put(key, io.BytesIO(b"first version"))
+    storage.put(key, io.BytesIO(b"second"))
+    assert b"".join(storage.open(key)) == b"second"
+
+
+def test_open_closed_early_releases_and_later_reads_still_work(storage: Storage) -> None:
+    key = _key()
+    storage.put(key, _source(2 * MIB))
+    for _ in range(15):  # more than the pool holds, so a leaked connection would show
+        chunks = storage.open(key)
+        assert len(next(chunks)) == CHUNK_BYTES
+        cast(Any, chunks).close()
+    assert hashlib.sha256(b"".join(storage.open(key))).hexdigest() == _digest(2 * MIB)
+
+
+# --- atomicity ---------------------------------------------------------------------------------
+
+
+def test_a_source_failing_mid_stream_leaves_nothing_visible(storage: Storage) -> None:
+    key = _key()
+
+    with pytest.raises(SourceFailed):
+        storage.put(key, _source(12 * MIB, fail_after=7 * MIB))
+
+    assert not storage.exists(key)
+    assert _leftovers(storage) == []
+    with pytest.raises(StorageError):
+        storage.open(key)
+
+
+def test_a_failed_put_keeps_the_previous_version(storage: Storage) -> None:
+    key = _key()
+    storage.put(key, io.BytesIO(b"complete old file"))
+
+    with pytest.raises(SourceFailed):
+        storage.put(key, _source(12 * MIB, fail_after=7 * MIB))
+
+    assert b"".join(storage.open(key)) == b"complete old file"
+    if isinstance(storage, S3Storage):
+        assert _leftovers(storage) == []
+    else:
+        assert _leftovers(storage) == [str(cast(LocalStorage, storage).root / key)]
+
+
+# --- delete, exists, missing objects ----------------------------------------------------------
+
+
+def test_delete_is_idempotent(storage: Storage) -> None:
+    key = _key()
+    storage.put(key, io.BytesIO(b"data"))
+    storage.delete(key)
+    storage.delete(key)
+    assert not storage.exists(key)
+    storage.delete(_key())  # never existed
+
+
+def test_a_missing_object_raises_storage_error(storage: Storage) -> None:
+    key = _key()
+    assert not storage.exists(key)
+    with pytest.raises(StorageError, match="not found"):
+        storage.open(key)
+    with pytest.raises(StorageError, match="not found"):
+        storage.size(key)
+
+
+BAD_KEYS = [
+    "",
+    "../escape.csv",
+    "accounts/../../escape.csv",
+    "/etc/passwd",
+    "accounts//x.csv",
+    "accounts/./x.csv",
+    "accounts/x.csv/",
+    "accounts/.hidden",
+    "accounts\\..\\x.csv",
+    "accounts/x y.csv",
+    "accounts/x\x00.csv",
+    "a" * 600,
+]
+
+
+@pytest.mark.parametrize("key", BAD_KEYS)
+def test_unsafe_keys_are_refused(storage: Storage, key: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        storage.put(key, io.BytesIO(b"x"))
+    with pytest.raises(ValueError):
+        storage.open(key)
+    with pytest.raises(ValueError):
+        storage.exists(key)
+    with pytest.raises(ValueError):
+        storage.size(key)
+    with pytest.raises(ValueError):
+        storage.delete(key)
+    # Nothing was written anywhere, inside or outside the root.
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_local_keys_cannot_escape_the_root(tmp_path: Path) -> None:
+    storage = LocalStorage(root=tmp_path / "store")
+    storage.prepare()
+    (tmp_path / "secret.txt").write_bytes(b"outside")
+    for key in ("../secret.txt", "x/../../secret.txt", str(tmp_path / "secret.txt")):
+        with pytest.raises(ValueError):
+            storage.open(key)
+        with pytest.raises(ValueError):
+            storage.delete(key)
+    assert (tmp_path / "secret.txt").read_bytes() == b"outside"
+
+
+# --- prepare -----------------------------------------------------------------------------------
+
+
+def test_local_prepare_creates_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "a" / "b"
+    storage = LocalStorage(root=root)
+    storage.prepare()
+    storage.prepare()
+    assert root.is_dir()
+
+
+def test_s3_prepare_creates_the_bucket_and_a_7_day_lifecycle_rule(moto_endpoint: str) -> None:
+    bucket = f"prep-{uuid.uuid4().hex[:16]}"
+    storage = storage_from_url(f"s3://{ACCESS_KEY}:{SECRET_KEY}@{moto_endpoint}/{bucket}")
+    assert isinstance(storage, S3Storage)
+    client = _s3_client(moto_endpoint)
+    assert bucket not in [b["Name"] for b in client.list_buckets()["Buckets"]]
+
+    storage.prepare()
+    storage.prepare()  # idempotent: the bucket exists, the rule is rewritten
+
+    assert bucket in [b["Name"] for b in client.list_buckets()["Buckets"]]
+    rules = client.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
+    assert len(rules) == 1
+    assert rules[0]["Status"] == "Enabled"
+    assert rules[0]["Expiration"] == {"Days": 7}
+    assert rules[0]["AbortIncompleteMultipartUpload"] == {"DaysAfterInitiation": 1}
+    key = _key()
+    assert storage.put(key, io.BytesIO(b"hello")) == 5
+
+
+def test_s3_prepare_honours_expire_days(moto_endpoint: str) -> None:
+    storage = _s3_storage(moto_endpoint, expire_days=3)
+    storage.prepare()
+    rules = _s3_client(moto_endpoint).get_bucket_lifecycle_configuration(Bucket=storage.bucket)
+    assert rules["Rules"][0]["Expiration"] == {"Days": 3}
+
+
+# --- an unreachable server ---------------------------------------------------------------------
+
+
+def test_s3_against_a_dead_server_fails_fast_with_a_safe_storage_error() -> None:
+    port = _free_port()  # nothing listens there any more
+    storage = storage_from_url(f"s3://{ACCESS_KEY}:{SECRET_KEY}@127.0.0.1:{port}/exports")
+    started = time.monotonic()
+    errors: list[StorageError] = []
+    for call in (
+        storage.prepare,
+        lambda: storage.put("a/b.csv", io.BytesIO(b"x")),
+        lambda: storage.open("a/b.csv"),
+        lambda: storage.exists("a/b.csv"),
+    ):
+        with pytest.raises(StorageError) as caught:
+            call()
+        errors.append(caught.value)
+    assert time.monotonic() - started < 20
+    for error in errors:
+        assert error.__cause__ is not None
+        assert SECRET_KEY not in str(error)
+        assert ACCESS_KEY not in str(error)
+        assert str(port) not in str(error)
+
+
+def test_s3_repr_hides_credentials() -> None:
+    storage = _s3_storage("127.0.0.1:9")
+    assert SECRET_KEY not in repr(storage)
+    assert ACCESS_KEY not in repr(storage)
+
+
+# --- storage_from_url --------------------------------------------------------------------------
+
+
+def test_file_url_gives_local_storage(tmp_path: Path) -> None:
+    storage = storage_from_url(f"file://{tmp_path}/exports%20dir")
+    assert isinstance(storage, LocalStorage)
+    assert storage.root == tmp_path / "exports dir"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "s3://AK%2F1:se%40cr%2Ft@127.0.0.1:9000/exports",
+            {
+                "endpoint": "127.0.0.1:9000",
+                "access_key": "AK/1",
+                "secret_key": "se@cr/t",
+                "bucket": "exports",
+                "secure": False,
+                "region": None,
+            },
+        ),
+        (
+            "s3://AK:SK@minio.example.com:9000/exports",
+            {"endpoint": "minio.example.com:9000", "secure": True, "region": None},
+        ),
+        (
+            "s3://AK:SK@localhost:9000/exports/?secure=true&region=eu-west-1",
+            {"endpoint": "localhost:9000", "secure": True, "region": "eu-west-1"},
+        ),
+        (
+            "s3://AK:SK@minio.internal/exports?secure=false",
+            {"endpoint": "minio.internal", "secure": False},
+        ),
+        (
+            "s3://AK:SK@[::1]:9000/my.bucket-1",
+            {"endpoint": "[::1]:9000", "secure": False, "bucket": "my.bucket-1"},
+        ),
+    ],
+)
+def test_s3_urls_are_parsed(
+    url: str, expected: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    captured: dict[str, Any] = {}
+
+    def record(**kwargs: Any) -> object:
+        captured.update(kwargs)
+        return object()
+
+    monkeypatch.setattr(s3_module, "S3Storage", record)
+    storage_from_url(url, part_size_mib=16, expire_days=3)
+    assert captured.items() >= expected.items()
+    assert captured["part_size_mib"] == 16
+    assert captured["expire_days"] == 3
+
+
+def test_s3_url_builds_a_real_adapter() -> None:
+    storage = storage_from_url("s3://AK:SK@127.0.0.1:9000/exports?region=us-east-1")
+    assert isinstance(storage, S3Storage)
+    assert (storage.endpoint, storage.bucket, storage.secure, storage.region) == (
+        "127.0.0.1:9000",
+        "exports",
+        False,
+        "us-east-1",
+    )
+    assert storage.part_size == 8 * MIB
+    assert storage.expire_days == 7
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        "exports",
+        f"{ACCESS_KEY}:{SECRET_KEY}@host:9000/exports",
+        f"http://{ACCESS_KEY}:{SECRET_KEY}@host:9000/exports",
+        "file://relative/path",
+        "file:///abs/path?x=1",
+        "file:///abs/../path",
+        "s3://host:9000/exports",
+        f"s3://{ACCESS_KEY}@host:9000/exports",
+        f"s3://{ACCESS_KEY}:{SECRET_KEY}@:9000/exports",
+        f"s3://{ACCESS_KEY}:{SECRET_KEY}@host:99999/exports",
+        f"s3://{ACCESS_KEY}:{SECRET_KEY}@host:port/exports",
+        f"s3://{ACCESS_KEY}:{SECRET_KEY}@host:9000",
+        f"s3://{ACCESS_KEY}:{SECRET_KEY}@host:9000/",
+        f"s3://{ACCESS_KEY}:{SECRET_KEY}@host:9000/a/b",
+        f"s3://{ACCESS_KEY}:{SECRET_KEY}@host:9000/Bad_Bucket",
+        f"s3://{ACCESS_KEY}:{SECRET_KEY}@host:9000/exports?secure=maybe",
+        f"s3://{ACCESS_KEY}:{SECRET_KEY}@host:9000/exports?{SECRET_KEY}=1",
+        f"s3://{ACCESS_KEY}:{SECRET_KEY}@host:9000/exports?secure=true&secure=false",
+        f"s3://{ACCESS_KEY}:{SECRET_KEY}@host:9000/exports?region=../{SECRET_KEY}",
+        f"s3://{ACCESS_KEY}:{SECRET_KEY}@[::1/exports",
+        f"s3://{ACCESS_KEY}:{SECRET_KEY}@host:9000/exports#frag",
+    ],
+)
+def test_bad_urls_raise_configuration_error_without_secrets(url: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        storage_from_url(url)
+    message = str(caught.value)
+    assert message.startswith("invalid setting STORAGE_URL: ")
+    assert SECRET_KEY not in message
+    assert ACCESS_KEY not in message
+    assert caught.value.__cause__ is None
+    assert caught.value.__suppress_context__ or caught.value.__context__ is None
+
+
+# --- object keys -------------------------------------------------------------------------------
+
+
+def test_new_object_keys_are_unique_prefixed_and_valid() -> None:
+    keys = {new_object_key(account_id=42, export_id="exp-1") for _ in range(1000)}
+    assert len(keys) == 1000
+    for key in keys:
+        assert key.startswith("accounts/42/exports/exp-1/")
+        assert key.endswith(".csv")
+        assert check_key(key) == key
+        assert len(key.rsplit("/", 1)[1]) >= 24 + len(".csv")
+
+
+@pytest.mark.parametrize(
+    ("account_id", "export_id"),
+    [(0, "e"), (-1, "e"), (True, "e"), (1, ""), (1, "../x"), (1, "a/b"), (1, "x" * 65)],
+)
+def test_new_object_key_rejects_bad_ids(account_id: int, export_id: str) -> None:
+    with pytest.raises(ValueError):
+        new_object_key(account_id=account_id, export_id=export_id)
