@@ -1,0 +1,468 @@
+"""Notification emails: one "ready" or "failed" email per export, whatever Kafka redelivers.
+
+The notifier consumes ``exports.lifecycle``. For ``ExportReady`` it emails the requester a
+signed download link; for a final ``ExportFailed`` it emails the safe error and a link to the
+export's page (where Retry lives). Everything in the email is read from PostgreSQL (the source
+of truth), not from the event.
+
+Exactly-once per (export, kind) is kept by the ``notifications`` table, whose primary key is
+(export_id, kind). In one transaction the notifier inserts the row (``ON CONFLICT DO NOTHING``),
+locks it (``SELECT ... FOR UPDATE``; a second notifier waits here), and sends only if ``sent_at``
+is still NULL, setting ``sent_at`` before committing. A row is finished when either
+
+- ``sent_at`` is set (sent), or
+- ``sent_at`` is NULL and ``last_error`` starts with ``"skipped: "`` (deliberately not sent, e.g.
+  the requester is no longer an active admin of the account, or the mail server permanently
+  refused the recipient). Such rows are never retried.
+
+Any other row with ``sent_at`` NULL has ``attempts`` failed deliveries behind it and is retried
+when the event comes again (the consumer loop redelivers it with backoff).
+
+Remaining at-least-once window: if the process dies (or the database commit fails) after the
+SMTP server accepted the message but before the transaction setting ``sent_at`` committed, the
+redelivered event sends the email a second time. The deterministic ``Message-ID`` lets mail
+clients and servers recognize that duplicate.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import logging
+import smtplib
+import ssl
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from email.utils import format_datetime, formataddr, parseaddr
+from urllib.parse import parse_qs, unquote, urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.db import transaction
+from shared.errors import ConfigurationError, OrdersExportError
+from shared.events import TOPIC_LIFECYCLE, Event, ExportFailed, ExportReady
+from shared.filters import from_snapshot
+from shared.kafka import ConsumerLoop
+from shared.models import (
+    Account,
+    ErrorClass,
+    ExportJob,
+    ExportState,
+    Membership,
+    Notification,
+    Role,
+    User,
+)
+from shared.settings import Settings
+from shared.signing import SigningKeys, download_path
+
+log = logging.getLogger(__name__)
+
+#: Kafka consumer group of the notifier.
+CONSUMER_GROUP = "orders-export-notifier"
+#: Notification kinds (the ``kind`` column).
+KIND_READY = "ready"
+KIND_FAILED = "failed"
+#: Timeout of every SMTP connect and command (seconds).
+SMTP_TIMEOUT_SECONDS = 10.0
+#: Ports used when SMTP_URL names none.
+DEFAULT_SMTP_PORT = 25
+DEFAULT_SMTPS_PORT = 465
+#: Longest ``last_error`` stored (characters).
+LAST_ERROR_MAX_CHARS = 200
+#: ``last_error`` prefix of a notification that is deliberately never sent.
+SKIPPED_PREFIX = "skipped: "
+#: Domain of Message-IDs when SMTP_FROM has none.
+FALLBACK_MESSAGE_ID_DOMAIN = "orders-export.invalid"
+#: Size units of :func:`human_size` (powers of 1000, as in "12.3 MB").
+SIZE_UNITS = ("kB", "MB", "GB", "TB", "PB")
+#: Bytes per :data:`SIZE_UNITS` step.
+SIZE_STEP = 1000
+
+_SMTP_URL_PROBLEM = (
+    "invalid setting SMTP_URL: expected smtp://[user:password@]host[:port][?starttls=true] "
+    "or smtps://[user:password@]host[:port]"
+)
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off", "")
+
+
+class NotificationFailed(OrdersExportError):
+    """An email could not be handed to the SMTP server; the event is retried later."""
+
+    code = "notification_failed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SmtpTarget:
+    """Where and how to deliver mail, parsed from SMTP_URL."""
+
+    host: str
+    port: int
+    use_ssl: bool = False
+    starttls: bool = False
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+def parse_smtp_url(url: str) -> SmtpTarget:
+    """Parse ``smtp://[user:pass@]host[:port][?starttls=true]`` or ``smtps://...``.
+
+    The error message never repeats the URL (it may carry a password).
+    """
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        raise ConfigurationError(_SMTP_URL_PROBLEM) from None
+    if (
+        parts.scheme not in ("smtp", "smtps")
+        or not parts.hostname
+        or parts.path not in ("", "/")
+        or parts.fragment
+    ):
+        raise ConfigurationError(_SMTP_URL_PROBLEM)
+    query = parse_qs(parts.query, keep_blank_values=True)
+    starttls_values = query.pop("starttls", ["false"])
+    if query or len(starttls_values) != 1:
+        raise ConfigurationError(_SMTP_URL_PROBLEM)
+    flag = starttls_values[0].lower()
+    if flag not in _TRUE + _FALSE:
+        raise ConfigurationError(_SMTP_URL_PROBLEM)
+    use_ssl = parts.scheme == "smtps"
+    starttls = flag in _TRUE
+    if use_ssl and starttls:
+        raise ConfigurationError(
+            "invalid setting SMTP_URL: smtps:// and starttls exclude each other"
+        )
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password is not None else None
+    if password is not None and username is None:
+        raise ConfigurationError(_SMTP_URL_PROBLEM)
+    return SmtpTarget(
+        host=parts.hostname,
+        port=port or (DEFAULT_SMTPS_PORT if use_ssl else DEFAULT_SMTP_PORT),
+        use_ssl=use_ssl,
+        starttls=starttls,
+        username=username,
+        password=password,
+    )
+
+
+def send_message(
+    target: SmtpTarget, message: EmailMessage, *, timeout: float = SMTP_TIMEOUT_SECONDS
+) -> None:
+    """Hand ``message`` to the SMTP server (raises ``OSError``/``smtplib.SMTPException``)."""
+    context = ssl.create_default_context()
+    client: smtplib.SMTP
+    if target.use_ssl:
+        client = smtplib.SMTP_SSL(target.host, target.port, timeout=timeout, context=context)
+    else:
+        client = smtplib.SMTP(target.host, target.port, timeout=timeout)
+    with client:
+        if target.starttls:
+            client.starttls(context=context)
+        if target.username:
+            client.login(target.username, target.password or "")
+        client.ehlo_or_helo_if_needed()
+        options: list[str] = []
+        if _has_8bit_parts(message):
+            if client.has_extn("8bitmime"):
+                options.append("BODY=8BITMIME")
+            else:
+                _to_quoted_printable(message)
+        client.send_message(message, mail_options=options)
+
+
+def _has_8bit_parts(message: EmailMessage) -> bool:
+    return any(part.get("Content-Transfer-Encoding") == "8bit" for part in message.walk())
+
+
+def _to_quoted_printable(message: EmailMessage) -> None:
+    """Re-encode 8bit text parts for a server without 8BITMIME (rare nowadays)."""
+    for part in message.walk():
+        if isinstance(part, EmailMessage) and part.get("Content-Transfer-Encoding") == "8bit":
+            text = part.get_content()
+            del part["Content-Transfer-Encoding"]
+            part.set_content(text, subtype=part.get_content_subtype(), cte="quoted-printable")
+
+
+def human_size(size_bytes: int) -> str:
+    """``999 B``, ``1.0 kB``, ``12.3 MB``, ... (decimal units)."""
+    if size_bytes < SIZE_STEP:
+        return f"{size_bytes} B"
+    value = float(size_bytes)
+    for unit in SIZE_UNITS:
+        value /= SIZE_STEP
+        if round(value, 1) < SIZE_STEP or unit == SIZE_UNITS[-1]:
+            return f"{value:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def format_moment(moment: dt.datetime, timezone: str) -> str:
+    """``2025-06-08 12:00 UTC (2025-06-08 14:00 Europe/Berlin)``; the zone part only if not UTC."""
+    text = moment.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    if timezone in ("UTC", "Etc/UTC"):
+        return text
+    try:
+        local = moment.astimezone(ZoneInfo(timezone))
+    except (ZoneInfoNotFoundError, ValueError):
+        return text
+    return f"{text} ({local:%Y-%m-%d %H:%M} {timezone})"
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= LAST_ERROR_MAX_CHARS else text[: LAST_ERROR_MAX_CHARS - 1] + "…"
+
+
+def _header_safe(text: str) -> str:
+    """Drop control characters (a display name must not break a header)."""
+    return "".join(ch if ch.isprintable() else " " for ch in text).strip()
+
+
+def _permanently_refused(exc: Exception) -> int | None:
+    """The SMTP code when the server refused every recipient for good (5xx), else None."""
+    if isinstance(exc, smtplib.SMTPRecipientsRefused) and exc.recipients:
+        codes = [code for code, _ in exc.recipients.values()]
+        if all(code >= 500 for code in codes):
+            return codes[0]
+    return None
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Facts:
+    """What an email says, read from the database."""
+
+    job: ExportJob
+    account: Account
+    user: User
+
+
+class Notifier:
+    """Turns lifecycle events into (at most) one email per export and kind."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        clock: Callable[[], dt.datetime] = _utcnow,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.clock = clock
+        self.smtp = parse_smtp_url(settings.require("smtp_url"))
+        self.public_url = settings.require("public_url").rstrip("/")
+        self.signing_keys = SigningKeys.from_settings(settings)
+        domain = parseaddr(settings.smtp_from)[1].rpartition("@")[2]
+        self.message_id_domain = domain or FALLBACK_MESSAGE_ID_DOMAIN
+        #: (kind, outcome) -> count; outcome is sent, duplicate, skipped or failed (metrics).
+        self.outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def consumer_loop(self) -> ConsumerLoop:
+        """The Kafka consumer loop that feeds :meth:`handle`."""
+        return ConsumerLoop(
+            settings=self.settings,
+            group_id=CONSUMER_GROUP,
+            topics=[TOPIC_LIFECYCLE],
+            handle=self.handle,
+            name="notifier",
+        )
+
+    def handle(self, event: Event) -> None:
+        """Send the email ``event`` calls for, unless already sent or skipped.
+
+        Raises :class:`NotificationFailed` when the SMTP server could not be reached or
+        refused for now (after recording the attempt), so that the event is retried.
+        """
+        if isinstance(event, ExportReady):
+            if not event.notify:  # made inside the request: the user already has the file
+                return
+            kind, expected = KIND_READY, ExportState.READY
+        elif isinstance(event, ExportFailed) and event.final:
+            kind, expected = KIND_FAILED, ExportState.FAILED
+        else:
+            return
+        try:
+            export_id = uuid.UUID(event.export_id)
+        except ValueError:
+            log.warning("notifier: %s with a malformed export id ignored", type(event).__name__)
+            return
+        failure: str | None = None
+        with transaction(self.sessions) as session:
+            facts = self._load(session, export_id, expected)
+            if facts is None:
+                return
+            failure = self._notify(session, facts, kind=kind, event_id=event.event_id)
+        if failure is not None:
+            self.outcomes[(kind, "failed")] += 1
+            raise NotificationFailed(failure)
+
+    def _load(self, session: Session, export_id: uuid.UUID, expected: ExportState) -> _Facts | None:
+        job = session.get(ExportJob, export_id)
+        if job is None:
+            log.info("notifier: export %s no longer exists; nothing to send", export_id)
+            return None
+        if job.state != expected:
+            # E.g. expired already, or retried by the user since it failed: the email would be
+            # stale. A later final event of the same kind creates the notification then.
+            log.info(
+                "notifier: export %s is %s, not %s; nothing to send", job.id, job.state, expected
+            )
+            return None
+        account = session.get(Account, job.account_id)
+        user = session.get(User, job.requested_by)
+        if account is None or user is None:  # foreign keys cascade, so this is a race at most
+            return None
+        return _Facts(job=job, account=account, user=user)
+
+    def _notify(self, session: Session, facts: _Facts, *, kind: str, event_id: str) -> str | None:
+        """Within the caller's transaction; returns a failure text when delivery failed."""
+        job, user = facts.job, facts.user
+        session.execute(
+            insert(Notification)
+            .values(export_id=job.id, kind=kind, recipient=user.email, event_id=event_id)
+            .on_conflict_do_nothing(index_elements=["export_id", "kind"])
+        )
+        row = session.scalars(
+            select(Notification)
+            .where(Notification.export_id == job.id, Notification.kind == kind)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).one()
+        if row.sent_at is not None or (row.last_error or "").startswith(SKIPPED_PREFIX):
+            self.outcomes[(kind, "duplicate")] += 1
+            log.info("notifier: %s email for export %s already handled", kind, job.id)
+            return None
+        skip_reason = self._skip_reason(session, facts, kind=kind)
+        if skip_reason is not None:
+            row.last_error = SKIPPED_PREFIX + skip_reason
+            self.outcomes[(kind, "skipped")] += 1
+            log.info("notifier: %s email for export %s skipped: %s", kind, job.id, skip_reason)
+            return None
+        message = self.compose(facts, kind=kind)
+        row.recipient = user.email
+        try:
+            send_message(self.smtp, message)
+        except (OSError, smtplib.SMTPException) as exc:
+            row.attempts += 1
+            refused = _permanently_refused(exc)
+            if refused is not None:
+                row.last_error = SKIPPED_PREFIX + f"mail server refused the recipient ({refused})"
+                self.outcomes[(kind, "skipped")] += 1
+                log.warning("notifier: %s email for export %s refused", kind, job.id)
+                return None
+            code = getattr(exc, "smtp_code", None)
+            row.last_error = _short(
+                f"SMTP delivery failed: {type(exc).__name__}" + (f" ({code})" if code else "")
+            )
+            log.warning(
+                "notifier: %s email for export %s not delivered (%s), attempt %d",
+                kind,
+                job.id,
+                type(exc).__name__,
+                row.attempts,
+            )
+            return row.last_error
+        # The SMTP server has the message; committing sent_at now closes the window in which
+        # a crash would make a redelivered event send it again (see the module docstring).
+        row.sent_at = self.clock()
+        row.last_error = None
+        self.outcomes[(kind, "sent")] += 1
+        log.info("notifier: %s email for export %s sent", kind, job.id)
+        return None
+
+    def _skip_reason(self, session: Session, facts: _Facts, *, kind: str) -> str | None:
+        """Why this email must not go out at all, or None."""
+        job, account, user = facts.job, facts.account, facts.user
+        role = session.scalar(
+            select(Membership.role).where(
+                Membership.account_id == account.id, Membership.user_id == user.id
+            )
+        )
+        if not user.is_active or role != Role.ADMIN:
+            return "recipient no longer an admin"
+        if kind == KIND_READY and job.expires_at is not None and job.expires_at <= self.clock():
+            return "file already expired"
+        return None
+
+    def compose(self, facts: _Facts, *, kind: str) -> EmailMessage:
+        """The email for ``kind`` (plain text)."""
+        job, account, user = facts.job, facts.account, facts.user
+        try:
+            summary = from_snapshot(job.filters).summary()
+        except OrdersExportError:  # a snapshot from an older format: still send the email
+            summary = "(see the export's page)"
+        greeting = f"Hello {_header_safe(user.display_name) or user.email},"
+        if kind == KIND_READY:
+            rows = job.row_count or 0
+            noun = "row" if rows == 1 else "rows"
+            subject = f"Your orders export is ready ({account.slug}, {rows:,} {noun})"
+            now = self.clock()
+            link_expiry = now + dt.timedelta(seconds=self.settings.export_link_ttl_seconds)
+            if job.expires_at is not None:
+                link_expiry = min(link_expiry, job.expires_at)
+            link = self.public_url + download_path(
+                self.signing_keys,
+                export_id=str(job.id),
+                user_id=job.requested_by,
+                expires_at=link_expiry,
+            )
+            lines = [
+                greeting,
+                "",
+                f"Your orders export of {account.name} ({account.slug}) is ready.",
+                "",
+                f"Filters:   {summary}",
+                f"Rows:      {rows:,}",
+                f"Size:      {human_size(job.size_bytes or 0)}",
+            ]
+            if job.expires_at is not None:
+                lines.append(f"Available until: {format_moment(job.expires_at, account.timezone)}")
+            lines += [
+                "",
+                "Download it here (the link works only for you, while you are an admin of the",
+                f"account, until {format_moment(link_expiry, account.timezone)}):",
+                "",
+                link,
+            ]
+        else:
+            subject = f"Your orders export failed ({account.slug})"
+            reason = job.error_message or "The export could not be completed."
+            if job.error_class == ErrorClass.USER:
+                advice = "Please change the filters (e.g. a shorter date range) and export again."
+            else:
+                advice = "You can retry it from the export's page. If it keeps failing, contact us."
+            lines = [
+                greeting,
+                "",
+                f"Your orders export of {account.name} ({account.slug}) failed.",
+                "",
+                f"Filters:   {summary}",
+                f"Reason:    {reason}",
+                "",
+                advice,
+                "",
+                f"{self.public_url}/exports/{job.id}",
+            ]
+        message = EmailMessage()
+        message["From"] = self.settings.smtp_from
+        message["To"] = formataddr((_header_safe(user.display_name), user.email))
+        message["Subject"] = subject
+        message["Date"] = format_datetime(self.clock())
+        message["Message-ID"] = f"<orders-export.{job.id}.{kind}@{self.message_id_domain}>"
+        message["Auto-Submitted"] = "auto-generated"
+        text = "\n".join(lines) + "\n"
+        # Unencoded bodies keep the link on one line in the stored message (quoted-printable
+        # would wrap it); lines stay far below SMTP's 998-character limit.
+        message.set_content(text, cte="7bit" if text.isascii() else "8bit")
+        return message
