@@ -154,7 +154,22 @@ def fetch_page(
     return ReportPage(column_headers(account.timezone), rows, next_cursor)
 
 
-def count_rows(session: Session, account: Account, filters: OrderFilters, *, bound: int) -> int:
+def count_select(account: Account, filters: OrderFilters, *, bound: int) -> Select[int]:
     """Matching rows, counting no further than ``bound`` (never a full scan of a big account)."""
     inner = select(Order.id).where(*filter_conditions(account, filters)).limit(bound).subquery()
-    return int(session.execute(select(func.count()).select_from(inner)).scalar_one())
+    return select(func.count()).select_from(inner)
+
+
+def count_rows(session: Session, account: Account, filters: OrderFilters, *, bound: int) -> int:
+    return int(session.execute(count_select(account, filters, bound=bound)).scalar_one())
+
+
+def estimate_rows(session: Session, account: Account, filters: OrderFilters) -> int:
+    """The planner's row estimate for the report query (no rows are read)."""
+    query = select(Order.id).where(*filter_conditions(account, filters))
+    compiled = query.compile(session.get_bind(), compile_kwargs={"render_postcompile": True})
+    result = session.connection().exec_driver_sql(
+        f"EXPLAIN (FORMAT JSON) {compiled}", compiled.params
+    )
+    plan = result.scalar_one()
+    return int(plan[0]["Plan"]["Plan Rows"])

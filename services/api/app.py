@@ -15,11 +15,12 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from services.api import health, login, report
+from services.api import exports, health, login, report
 from services.api.errors import handle_domain_error, handle_http_exception
 from services.api.middleware import SecurityHeadersMiddleware
 from shared.db import make_engine, make_sessionmaker
 from shared.errors import OrdersExportError
+from shared.flags import FlagCache
 from shared.settings import Settings, load_settings
 
 HERE = Path(__file__).parent
@@ -49,6 +50,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/metrics", health.metrics),
         Route("/accounts/{slug}/orders", report.orders_page, name="orders_page"),
         Route("/api/v1/accounts/{slug}/orders", report.orders_api),
+        Route("/api/v1/accounts/{slug}/order-exports", exports.create_export, methods=["POST"]),
+        Route("/api/v1/accounts/{slug}/order-exports", exports.list_exports, methods=["GET"]),
+        Route("/api/v1/order-exports/{export_id}", exports.get_export, methods=["GET"]),
+        Route("/api/v1/order-exports/{export_id}/retry", exports.retry_export, methods=["POST"]),
+        Route("/api/v1/order-exports/{export_id}/cancel", exports.cancel_export, methods=["POST"]),
+        Route("/exports/{export_id}/download", exports.download, methods=["GET"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     middleware = [
@@ -79,5 +86,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = make_sessionmaker(engine)
+    app.state.flags = FlagCache(app.state.sessions)
+    app.state.storage = None
+    app.state.runner = None
     app.state.templates = Jinja2Templates(env=environment)
     return app

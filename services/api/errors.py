@@ -17,6 +17,13 @@ STATUS_BY_ERROR: dict[type[errors.OrdersExportError], int] = {
     errors.CsrfFailed: 403,
     errors.NotFound: 404,
     errors.TooManyAttempts: 429,
+    errors.TooManyActiveExports: 429,
+    errors.TooManyRows: 422,
+    errors.Conflict: 409,
+    errors.LinkExpired: 410,
+    errors.FileExpired: 410,
+    errors.ExportsDisabled: 503,
+    errors.StorageError: 503,
     errors.ConfigurationError: 500,
 }
 
@@ -47,7 +54,7 @@ async def handle_domain_error(request: Request, exc: Exception) -> Response:
 
         return login_redirect(request)
     headers = {}
-    if isinstance(exc, errors.TooManyAttempts):
+    if isinstance(exc, errors.TooManyAttempts | errors.TooManyActiveExports):
         headers["Retry-After"] = str(exc.retry_after)
     if wants_html(request):
         templates = request.app.state.templates

@@ -28,4 +28,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
               "--port", "{port}", "--no-access-log"),
         health_path="/healthz",
     ),
+    ServiceSpec(name="relay", args=("services.api.relay",)),
+    ServiceSpec(name="worker", args=("services.worker",)),
+    ServiceSpec(name="notifier", args=("services.notifier",)),
 )  # fmt: skip

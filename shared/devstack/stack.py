@@ -38,6 +38,9 @@ from shared.devstack.services import SERVICES, ServiceSpec
 from shared.seeding import ensure_demo_data
 from shared.settings import Settings
 
+#: Kafka consumer session timeout of the local stack (milliseconds).
+LOCAL_KAFKA_SESSION_TIMEOUT_MS = 6000
+
 logger = logging.getLogger(__name__)
 
 #: How long a service may take to answer its health check with 200 (seconds).
@@ -116,6 +119,10 @@ class Stack:
         env[REDIS_URL] = self._external(REDIS_URL) or self._start_redis()
         env[KAFKA_BOOTSTRAP_SERVERS] = (
             self._external(KAFKA_BOOTSTRAP_SERVERS) or self._start_kafka()
+        )
+        # A restarted local consumer rejoins its group in seconds instead of 45 (ENVIRONMENT.md).
+        env["KAFKA_SESSION_TIMEOUT_MS"] = os.environ.get("KAFKA_SESSION_TIMEOUT_MS") or str(
+            LOCAL_KAFKA_SESSION_TIMEOUT_MS
         )
         env[SMTP_URL] = self._external(SMTP_URL) or self._start_mailsink()
         env[STORAGE_URL] = self._external(STORAGE_URL) or self.layout.storage_dir.as_uri()

@@ -1,0 +1,230 @@
+"""Export endpoints: request, list, detail, retry, cancel, and the signed download."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.orm import Session
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from services.api.auth import Caller, login_redirect, require_caller
+from services.api.errors import wants_html
+from shared import downloads, exports
+from shared.db import transaction
+from shared.errors import OrdersExportError, Unauthenticated, ValidationError
+from shared.models import Account, ExportJob
+from shared.runner import ExportRunner, Outcome
+from shared.signing import SigningKeys
+from shared.storage import Storage, storage_from_url
+
+#: Guards the lazy construction below (the report alone needs no storage).
+_build_lock = threading.RLock()
+
+
+def storage_of(app: Starlette) -> Storage:
+    """The app's storage adapter, built on first use."""
+    with _build_lock:
+        if getattr(app.state, "storage", None) is None:
+            settings = app.state.settings
+            storage = storage_from_url(
+                settings.require("storage_url"), part_size_mib=settings.storage_part_size_mib
+            )
+            storage.prepare()
+            app.state.storage = storage
+        return app.state.storage  # type: ignore[no-any-return]
+
+
+def runner_of(app: Starlette) -> ExportRunner:
+    """The app's export runner (small exports are made inside the request), built on first use."""
+    with _build_lock:
+        if getattr(app.state, "runner", None) is None:
+            app.state.runner = ExportRunner(
+                settings=app.state.settings,
+                sessions=app.state.sessions,
+                storage=storage_of(app),
+                flags=app.state.flags,
+            )
+        return app.state.runner  # type: ignore[no-any-return]
+
+
+def _base_url(request: Request) -> str:
+    return str(request.base_url)
+
+
+def _export_body(
+    request: Request, job: ExportJob, account: Account, caller: Caller
+) -> dict[str, Any]:
+    return exports.to_json(
+        job,
+        account=account,
+        settings=request.app.state.settings,
+        viewer=caller.user,
+        base_url=_base_url(request),
+    )
+
+
+async def _json_body(request: Request) -> object:
+    raw = await request.body()
+    if not raw:
+        return {}
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ValidationError("body", "invalid JSON") from None
+
+
+def _create(
+    request: Request, body: object, idempotency_key: str | None
+) -> tuple[dict[str, Any], int]:
+    app = request.app
+    with app.state.sessions() as session:
+        with session.begin():
+            caller = require_caller(request, session)
+            requested = exports.request_export(
+                session,
+                settings=app.state.settings,
+                flags=app.state.flags,
+                user=caller.user,
+                slug=request.path_params["slug"],
+                body=body,
+                idempotency_key=idempotency_key,
+            )
+            job_id, account = requested.job.id, session.get_one(Account, requested.job.account_id)
+        if requested.disposition == "existing":
+            return {"export": _export_body(request, requested.job, account, caller)}, 200
+        status = 202
+        if requested.inline:
+            result = runner_of(app).run(job_id, inline=True)
+            if result.outcome is Outcome.RETRY:  # e.g. storage blip: let the workers finish it
+                with transaction(app.state.sessions) as retry_session:
+                    job = retry_session.get_one(ExportJob, job_id)
+                    exports.queue_in_background(
+                        retry_session, job, account=account, actor=f"user:{caller.user.id}"
+                    )
+            else:
+                status = 201
+        job = session.get_one(ExportJob, job_id, populate_existing=True)
+        return {"export": _export_body(request, job, account, caller)}, status
+
+
+async def create_export(request: Request) -> Response:
+    body = await _json_body(request)
+    idempotency_key = request.headers.get("idempotency-key")
+    payload, status = await run_in_threadpool(_create, request, body, idempotency_key)
+    return JSONResponse(payload, status)
+
+
+def _list(request: Request) -> dict[str, Any]:
+    with request.app.state.sessions() as session:
+        caller = require_caller(request, session)
+        account, found = exports.list_for_account(session, request.path_params["slug"], caller.user)
+        return {"exports": [_export_body(request, job, account, caller) for job in found]}
+
+
+async def list_exports(request: Request) -> Response:
+    return JSONResponse(await run_in_threadpool(_list, request))
+
+
+def _detail(request: Request) -> dict[str, Any]:
+    with request.app.state.sessions() as session:
+        caller = require_caller(request, session)
+        job, account = exports.get_for_admin(session, request.path_params["export_id"], caller.user)
+        return {"export": _export_body(request, job, account, caller)}
+
+
+async def get_export(request: Request) -> Response:
+    return JSONResponse(await run_in_threadpool(_detail, request))
+
+
+def _act(request: Request, action: str) -> dict[str, Any]:
+    app = request.app
+    with app.state.sessions() as session, session.begin():
+        caller = require_caller(request, session)
+        export_id = request.path_params["export_id"]
+        if action == "retry":
+            job = exports.retry(
+                session,
+                settings=app.state.settings,
+                flags=app.state.flags,
+                export_id=export_id,
+                user=caller.user,
+            )
+        else:
+            job = exports.cancel(session, export_id=export_id, user=caller.user)
+        account = session.get_one(Account, job.account_id)
+        return {"export": _export_body(request, job, account, caller)}
+
+
+async def retry_export(request: Request) -> Response:
+    return JSONResponse(await run_in_threadpool(_act, request, "retry"), 202)
+
+
+async def cancel_export(request: Request) -> Response:
+    return JSONResponse(await run_in_threadpool(_act, request, "cancel"), 202)
+
+
+@dataclass(frozen=True)
+class _File:
+    key: str
+    name: str
+    size: int | None
+
+
+def _authorize_download(request: Request) -> _File:
+    """Check the link and the caller, and append the attempt to the audit trail either way."""
+    app = request.app
+    export_id = request.path_params["export_id"]
+    client_ip = request.client.host if request.client else None
+    user_id = None
+
+    def audit(session: Session, outcome: downloads.Outcome) -> None:
+        downloads.record(
+            session, export_id=export_id, user_id=user_id, outcome=outcome, client_ip=client_ip
+        )
+        session.commit()
+
+    with app.state.sessions() as session:
+        try:
+            caller = require_caller(request, session)
+            user_id = caller.user.id
+            job, _ = downloads.authorize(
+                session,
+                keys=SigningKeys.from_settings(app.state.settings),
+                export_id=export_id,
+                user=caller.user,
+                expires=request.query_params.get("expires", ""),
+                signature=request.query_params.get("signature", ""),
+            )
+        except OrdersExportError as exc:
+            audit(session, downloads.outcome_of(exc))
+            raise
+        assert job.storage_key is not None and job.file_name is not None
+        file = _File(job.storage_key, job.file_name, job.size_bytes)
+        audit(session, downloads.Outcome.OK)
+        return file
+
+
+async def download(request: Request) -> Response:
+    try:
+        file = await run_in_threadpool(_authorize_download, request)
+    except Unauthenticated:
+        if wants_html(request):
+            return login_redirect(request)
+        raise
+    chunks: Iterator[bytes] = await run_in_threadpool(storage_of(request.app).open, file.key)
+    headers = {
+        "Content-Disposition": f'attachment; filename="{file.name}"',
+        "Cache-Control": "no-store",
+        "Referrer-Policy": "no-referrer",
+        "X-Content-Type-Options": "nosniff",
+    }
+    if file.size is not None:
+        headers["Content-Length"] = str(file.size)
+    return StreamingResponse(chunks, media_type="text/csv; charset=utf-8", headers=headers)

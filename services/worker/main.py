@@ -1,0 +1,92 @@
+"""The worker process: Dramatiq workers for the ``exports`` queue, the Kafka bridge and
+housekeeping. ``python -m services.worker``; scale by running more processes."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from types import FrameType
+
+from dramatiq import Worker
+
+from services.worker.actors import EXPORTS_QUEUE, declare_actors, make_broker
+from services.worker.bridge import make_bridge
+from services.worker.maintenance import Maintenance
+from shared.db import make_engine, make_sessionmaker
+from shared.errors import ConfigurationError
+from shared.flags import FlagCache
+from shared.runner import ExportRunner
+from shared.settings import load_settings
+from shared.storage import storage_from_url
+
+log = logging.getLogger("orders_export.worker")
+
+#: How long a stopping worker waits for running exports before leaving them to the rescuer (ms).
+SHUTDOWN_TIMEOUT_MS = 20_000
+#: How long an idle Dramatiq consumer blocks on Redis before looking again (ms).
+CONSUMER_WAIT_MS = 200
+
+
+def main() -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = load_settings()
+        storage = storage_from_url(
+            settings.require("storage_url"), part_size_mib=settings.storage_part_size_mib
+        )
+        settings.require("redis_url")
+        settings.require("kafka_bootstrap_servers")
+    except ConfigurationError as exc:
+        print(f"worker: {exc.message}", file=sys.stderr)
+        return 2
+    storage.prepare()
+    engine = make_engine(settings.database_url, pool_size=settings.export_worker_threads + 4)
+    sessions = make_sessionmaker(engine)
+    runner = ExportRunner(
+        settings=settings, sessions=sessions, storage=storage, flags=FlagCache(sessions)
+    )
+    broker = make_broker(settings)
+    actors = declare_actors(broker, runner=runner, sessions=sessions)
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %s: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    # The exports queue gets a pool of its own: exports never starve other background work.
+    worker = Worker(
+        broker,
+        queues={EXPORTS_QUEUE},
+        worker_threads=settings.export_worker_threads,
+        worker_timeout=CONSUMER_WAIT_MS,
+    )
+    worker.start()
+    bridge = make_bridge(settings, actors)
+    maintenance = Maintenance(settings=settings, sessions=sessions, storage=storage, actors=actors)
+    threads = [
+        threading.Thread(target=bridge.run, args=(stop,), name="kafka-bridge", daemon=True),
+        threading.Thread(target=maintenance.run, args=(stop,), name="maintenance", daemon=True),
+    ]
+    for thread in threads:
+        thread.start()
+    log.info("worker: started (%d export threads)", settings.export_worker_threads)
+    stop.wait()
+    for thread in threads:
+        thread.join(timeout=15)
+    worker.stop(timeout=SHUTDOWN_TIMEOUT_MS)
+    broker.close()
+    engine.dispose()
+    log.info("worker: stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

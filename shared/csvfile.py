@@ -1,0 +1,190 @@
+"""The CSV file of an export: one ``COPY (SELECT ...) TO STDOUT`` streamed into storage.
+
+PostgreSQL renders every value (the same display expressions as the report, plus the formula
+guard on text cells) and quotes the CSV; Python only counts rows, hashes bytes and hands the
+stream to storage in large reads. Memory stays constant whatever the row count.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from sqlalchemy import ClauseElement
+from sqlalchemy.dialects import postgresql
+
+from shared.columns import COLUMNS
+from shared.filters import OrderFilters
+from shared.models import Account
+from shared.report import count_select, report_select
+
+#: UTF-8 byte order mark, written first when the user asks for it (Excel on Windows).
+UTF8_BOM = b"\xef\xbb\xbf"
+#: Size of the reads storage makes from the COPY stream (bytes).
+READ_SIZE = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class CsvFile:
+    """What was written: rows (without header), bytes and their SHA-256."""
+
+    row_count: int
+    size_bytes: int
+    sha256: str
+
+
+def header_line(timezone: str) -> bytes:
+    """The header row, quoted by the csv module exactly as COPY quotes values."""
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow([c.label_for(timezone) for c in COLUMNS])
+    return buffer.getvalue().encode()
+
+
+def for_psycopg(query: ClauseElement) -> tuple[str, dict[str, Any]]:
+    """SQL text with psycopg ``%(name)s`` placeholders, and its parameters."""
+    compiled = query.compile(
+        dialect=postgresql.psycopg.dialect(),  # type: ignore[no-untyped-call]
+        compile_kwargs={"render_postcompile": True},
+    )
+    return str(compiled), dict(compiled.params)
+
+
+def copy_statement(
+    account: Account, filters: OrderFilters, *, limit: int | None = None
+) -> tuple[str, dict[str, Any]]:
+    """``COPY (<report query>) TO STDOUT`` and its parameters."""
+    query = report_select(account, filters, guard_formulas=True)
+    if limit is not None:
+        query = query.limit(limit)
+    sql, params = for_psycopg(query)
+    return f"COPY ({sql}) TO STDOUT (FORMAT csv)", params
+
+
+class CopyStream(io.RawIOBase):
+    """A readable stream over a COPY: header, then one CopyData message per row.
+
+    ``rows`` counts COPY messages (PostgreSQL sends exactly one per row in text/CSV format, even
+    when a value contains newlines), so progress is exact and costs nothing.
+    """
+
+    def __init__(self, *, chunks: Iterator[Any], prefix: bytes) -> None:
+        super().__init__()
+        self._chunks = chunks
+        self._pending = memoryview(prefix)
+        self._digest = hashlib.sha256(prefix)
+        self.size = len(prefix)
+        self.rows = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        target = memoryview(buffer).cast("B")
+        filled = 0
+        while filled < len(target):
+            if not self._pending:
+                chunk = next(self._chunks, None)
+                if chunk is None:
+                    break
+                self.rows += 1
+                self._pending = memoryview(chunk)
+                self._digest.update(chunk)
+                self.size += len(chunk)
+            take = min(len(self._pending), len(target) - filled)
+            target[filled : filled + take] = self._pending[:take]
+            self._pending = self._pending[take:]
+            filled += take
+        return filled
+
+    @property
+    def sha256(self) -> str:
+        return self._digest.hexdigest()
+
+
+class Throttled(io.RawIOBase):
+    """Passes reads through at no more than ``bytes_per_second`` (token bucket, 1 s burst)."""
+
+    def __init__(self, stream: io.RawIOBase, *, bytes_per_second: int) -> None:
+        super().__init__()
+        self._stream = stream
+        self._rate = bytes_per_second
+        self._started = time.monotonic()
+        self._sent = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")[: max(1, self._rate // 4)]
+        count = self._stream.readinto(view) or 0
+        self._sent += count
+        ahead = self._sent / self._rate - (time.monotonic() - self._started)
+        if ahead > 0:
+            time.sleep(ahead)
+        return count
+
+
+class ExportQuery:
+    """A read-only, snapshot-consistent connection that counts then copies the export's rows.
+
+    ``cancel()`` may be called from another thread to stop a running COPY within moments.
+    """
+
+    def __init__(self, *, database_url: str, statement_timeout_seconds: int) -> None:
+        self._conn = psycopg.connect(
+            database_url, autocommit=False, application_name="orders-export-worker"
+        )
+        self._timeout_ms = statement_timeout_seconds * 1000
+        self._lock = threading.Lock()
+        self._stream: CopyStream | None = None
+        self.canceled = False
+
+    @property
+    def rows_written(self) -> int:
+        """Rows streamed so far (read by the heartbeat thread)."""
+        return self._stream.rows if self._stream else 0
+
+    def __enter__(self) -> ExportQuery:
+        # One snapshot for the count and the COPY: the estimate is the exact row count.
+        self._conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        self._conn.execute(f"SET LOCAL statement_timeout = {int(self._timeout_ms)}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Read-only work: closing discards it. A connection the server killed is just closed.
+        self._conn.close()
+
+    def count(self, account: Account, filters: OrderFilters, *, bound: int) -> int:
+        sql, params = for_psycopg(count_select(account, filters, bound=bound))
+        row = self._conn.execute(sql, params).fetchone()
+        return int(row[0]) if row else 0
+
+    def stream_into(
+        self,
+        account: Account,
+        filters: OrderFilters,
+        *,
+        utf8_bom: bool,
+        limit: int | None,
+        sink: Callable[[CopyStream], None],
+    ) -> CsvFile:
+        statement, params = copy_statement(account, filters, limit=limit)
+        prefix = (UTF8_BOM if utf8_bom else b"") + header_line(account.timezone)
+        cursor = psycopg.ClientCursor(self._conn)
+        with cursor.copy(statement, params) as copy:
+            stream = self._stream = CopyStream(chunks=iter(copy), prefix=prefix)
+            sink(stream)
+        return CsvFile(row_count=stream.rows, size_bytes=stream.size, sha256=stream.sha256)
+
+    def cancel(self) -> None:
+        """Ask the server to cancel the running statement (thread-safe)."""
+        with self._lock:
+            self.canceled = True
+            self._conn.cancel_safe()

@@ -1,0 +1,101 @@
+"""Download authorization: link signature and expiry, and the caller's role *right now*."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import uuid
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.errors import (
+    BadSignature,
+    FileExpired,
+    Forbidden,
+    LinkExpired,
+    NotFound,
+    OrdersExportError,
+    Unauthenticated,
+)
+from shared.models import Account, DownloadAttempt, ExportJob, ExportState, Membership, Role, User
+from shared.signing import SigningKeys, verify
+
+
+class Outcome(enum.StrEnum):
+    """Label values of ``orders_export_downloads_total{outcome}`` and of the audit trail."""
+
+    OK = "ok"
+    UNAUTHENTICATED = "unauthenticated"
+    FORBIDDEN = "forbidden"
+    NOT_FOUND = "not_found"
+    BAD_SIGNATURE = "bad_signature"
+    LINK_EXPIRED = "link_expired"
+    FILE_EXPIRED = "file_expired"
+
+
+def outcome_of(exc: OrdersExportError) -> Outcome:
+    """The audit outcome for a refused download."""
+    for cls, outcome in (
+        (BadSignature, Outcome.BAD_SIGNATURE),
+        (Forbidden, Outcome.FORBIDDEN),
+        (Unauthenticated, Outcome.UNAUTHENTICATED),
+        (LinkExpired, Outcome.LINK_EXPIRED),
+        (FileExpired, Outcome.FILE_EXPIRED),
+    ):
+        if isinstance(exc, cls):
+            return outcome
+    return Outcome.NOT_FOUND
+
+
+def authorize(
+    session: Session, *, keys: SigningKeys, export_id: str, user: User, expires: str, signature: str
+) -> tuple[ExportJob, Account]:
+    """The export and account if ``user`` may download it now; otherwise a domain error.
+
+    Checks, in order: the export exists and the user is a member of its account (else 404,
+    revealing nothing), is an admin (403), the signature is genuine for this user (403), the link
+    has not expired (410), the file has not expired (410), and the file is ready (404).
+    """
+    try:
+        key = uuid.UUID(export_id)
+    except ValueError:
+        raise NotFound("no such export") from None
+    row = session.execute(
+        select(ExportJob, Account, Membership.role)
+        .join(Account, Account.id == ExportJob.account_id)
+        .join(Membership, (Membership.account_id == Account.id) & (Membership.user_id == user.id))
+        .where(ExportJob.id == key)
+    ).first()
+    if row is None:
+        raise NotFound("no such export")
+    job, account, role = row
+    if role is not Role.ADMIN:
+        raise Forbidden("only account admins may download exports")
+    verify(keys, export_id=str(job.id), user_id=user.id, expires=expires, signature=signature)
+    now = dt.datetime.now(dt.UTC)
+    if job.state is ExportState.EXPIRED or (
+        job.state is ExportState.READY and job.expires_at is not None and job.expires_at <= now
+    ):
+        raise FileExpired("this export's file has expired; export again for a fresh file")
+    if job.state is not ExportState.READY or job.storage_key is None:
+        raise NotFound("this export has no file")
+    return job, account
+
+
+def record(
+    session: Session,
+    *,
+    export_id: str,
+    user_id: int | None,
+    outcome: Outcome,
+    client_ip: str | None,
+) -> None:
+    """Append one attempt to the audit trail (``download_attempts``)."""
+    try:
+        key: uuid.UUID | None = uuid.UUID(export_id)
+    except ValueError:
+        key = None
+    session.add(
+        DownloadAttempt(export_id=key, user_id=user_id, outcome=outcome.value, client_ip=client_ip)
+    )

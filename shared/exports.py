@@ -1,0 +1,367 @@
+"""Export requests and their management: the use cases behind the export endpoints.
+
+The API calls these with an authenticated user; they check membership and role at the time of
+the call, validate with the report's own filter code, and write job + outbox row together.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from shared import jobs, outbox
+from shared.access import account_for
+from shared.columns import COLUMN_SET_VERSION
+from shared.errors import (
+    Conflict,
+    ExportsDisabled,
+    NotFound,
+    TooManyActiveExports,
+    TooManyRows,
+    ValidationError,
+)
+from shared.events import ExportCanceled, ExportRequested
+from shared.filters import OrderFilters, parse_filter_object
+from shared.flags import FlagCache
+from shared.models import Account, ExportJob, ExportState, Membership, Role, User
+from shared.report import count_rows, estimate_rows
+from shared.settings import Settings
+from shared.signing import SigningKeys, download_path
+
+#: Seconds a client should wait before asking again after hitting the active-export cap.
+ACTIVE_CAP_RETRY_AFTER = 30
+#: Longest accepted Idempotency-Key header (characters).
+MAX_IDEMPOTENCY_KEY = 200
+#: Rows the request counts at most (bounded: a big account is never fully counted in a
+#: request); above it the planner's estimate stands in and the worker enforces the cap exactly.
+COUNT_BUDGET = 100_000
+#: Options an export request may carry, with their types.
+OPTIONS = {"utf8_bom": bool}
+
+
+@dataclass(frozen=True)
+class Requested:
+    """The outcome of an export request."""
+
+    job: ExportJob
+    #: "created" (new job), "existing" (duplicate in flight or idempotent replay)
+    disposition: str
+    #: True when the job should be generated inside this request (small export).
+    inline: bool
+
+
+def filters_digest(filters: OrderFilters) -> str:
+    canonical = json.dumps(filters.to_snapshot(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def parse_options(raw: object) -> dict[str, Any]:
+    if raw is None:
+        return {"utf8_bom": False}
+    if not isinstance(raw, dict):
+        raise ValidationError("options", "expected a JSON object")
+    options: dict[str, Any] = {"utf8_bom": False}
+    for name, value in raw.items():
+        if name not in OPTIONS:
+            raise ValidationError(f"options.{name}", "unknown option")
+        if not isinstance(value, OPTIONS[name]):
+            raise ValidationError(f"options.{name}", "expected true or false")
+        options[name] = value
+    return options
+
+
+def parse_request_body(body: object) -> tuple[OrderFilters, dict[str, Any]]:
+    if not isinstance(body, dict):
+        raise ValidationError("body", "expected a JSON object")
+    unknown = set(body) - {"filters", "options"}
+    if unknown:
+        raise ValidationError(sorted(unknown)[0], "unknown field")
+    return parse_filter_object(body.get("filters")), parse_options(body.get("options"))
+
+
+def _existing(
+    session: Session, user: User, account: Account, digest: str, key: str | None
+) -> ExportJob | None:
+    if key is not None:
+        replay = session.scalar(
+            select(ExportJob).where(
+                ExportJob.requested_by == user.id, ExportJob.idempotency_key == key
+            )
+        )
+        if replay is not None:
+            if replay.account_id != account.id or replay.filters_digest != digest:
+                raise Conflict("Idempotency-Key was already used for a different export request")
+            return replay
+    return session.scalar(
+        select(ExportJob).where(
+            ExportJob.requested_by == user.id,
+            ExportJob.account_id == account.id,
+            ExportJob.filters_digest == digest,
+            ExportJob.state.in_(jobs.ACTIVE),
+        )
+    )
+
+
+def request_export(
+    session: Session,
+    *,
+    settings: Settings,
+    flags: FlagCache,
+    user: User,
+    slug: str,
+    body: object,
+    idempotency_key: str | None,
+) -> Requested:
+    """Validate and record an export request (the caller commits).
+
+    Order of checks: admin of the account (404 / 403), switch on (503), valid input (422),
+    idempotent replay or duplicate in flight (existing export), per-user cap (429).
+    """
+    account, _ = account_for(session, slug, user, admin=True)
+    if not flags.get("exports_enabled"):
+        raise ExportsDisabled("exports are switched off for now; completed files stay downloadable")
+    filters, options = parse_request_body(body)
+    if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
+        raise ValidationError("Idempotency-Key", f"1 to {MAX_IDEMPOTENCY_KEY} characters")
+    digest = filters_digest(filters)
+
+    # Serialise this user's requests: the cap and the duplicate check see each other's writes.
+    session.execute(select(User.id).where(User.id == user.id).with_for_update())
+    existing = _existing(session, user, account, digest, idempotency_key)
+    if existing is not None:
+        return Requested(existing, "existing", inline=False)
+    if jobs.count_active(session, user_id=user.id) >= settings.export_max_active_per_user:
+        raise TooManyActiveExports(
+            f"you already have {settings.export_max_active_per_user} exports queued or running",
+            retry_after=ACTIVE_CAP_RETRY_AFTER,
+        )
+
+    threshold = settings.export_async_threshold_rows
+    rows = count_rows(session, account, filters, bound=max(threshold, COUNT_BUDGET) + 1)
+    if rows > settings.export_max_rows or (
+        rows > COUNT_BUDGET and estimate_rows(session, account, filters) > settings.export_max_rows
+    ):
+        raise TooManyRows(
+            f"this export would have more than {settings.export_max_rows:,} rows; "
+            "narrow the filters (the file would never be cut short)"
+        )
+    inline = rows <= threshold
+    jobs.declare_actor(session, f"user:{user.id}", "requested")
+    job = ExportJob(
+        account_id=account.id,
+        requested_by=user.id,
+        state=ExportState.QUEUED,
+        filters=filters.to_snapshot(),
+        filters_digest=digest,
+        column_set_version=COLUMN_SET_VERSION,
+        timezone=account.timezone,
+        utf8_bom=options["utf8_bom"],
+        idempotency_key=idempotency_key,
+        max_attempts=settings.export_max_attempts,
+        enqueued_at=None if inline else func.now(),
+    )
+    try:
+        with session.begin_nested():
+            session.add(job)
+            session.flush()
+    except IntegrityError:  # a concurrent identical request won the race
+        existing = _existing(session, user, account, digest, idempotency_key)
+        if existing is None:
+            raise
+        return Requested(existing, "existing", inline=False)
+    if not inline:
+        outbox.add(session, ExportRequested(export_id=str(job.id), account=account.slug))
+    return Requested(job, "created", inline=inline)
+
+
+def queue_in_background(
+    session: Session, job: ExportJob, *, account: Account, actor: str
+) -> ExportJob | None:
+    """Hand an inline export that failed transiently to the background workers."""
+    if job.state is not ExportState.QUEUED:
+        return None
+    jobs.mark_enqueued(session, [job.id])
+    outbox.add(session, ExportRequested(export_id=str(job.id), account=account.slug))
+    return job
+
+
+def get_for_admin(session: Session, export_id: str, user: User) -> tuple[ExportJob, Account]:
+    """The export, if the user is an admin of its account right now (else NotFound)."""
+    try:
+        key = uuid.UUID(export_id)
+    except ValueError:
+        raise NotFound("no such export") from None
+    row = session.execute(
+        select(ExportJob, Account, Membership.role)
+        .join(Account, Account.id == ExportJob.account_id)
+        .join(Membership, (Membership.account_id == Account.id) & (Membership.user_id == user.id))
+        .where(ExportJob.id == key)
+    ).first()
+    if row is None or row[2] is not Role.ADMIN:
+        raise NotFound("no such export")
+    return row[0], row[1]
+
+
+def list_for_account(
+    session: Session, slug: str, user: User, *, limit: int = 50
+) -> tuple[Account, list[ExportJob]]:
+    account, _ = account_for(session, slug, user, admin=True)
+    found = session.scalars(
+        select(ExportJob)
+        .where(ExportJob.account_id == account.id)
+        .order_by(ExportJob.created_at.desc(), ExportJob.id.desc())
+        .limit(limit)
+    )
+    return account, list(found)
+
+
+def retry(
+    session: Session, *, settings: Settings, flags: FlagCache, export_id: str, user: User
+) -> ExportJob:
+    job, account = get_for_admin(session, export_id, user)
+    if not flags.get("exports_enabled"):
+        raise ExportsDisabled("exports are switched off for now")
+    if job.state not in jobs.RETRYABLE_FROM:
+        raise Conflict(
+            f"only failed, canceled or expired exports can be retried (this one is {job.state})"
+        )
+    if jobs.count_active(session, user_id=user.id) >= settings.export_max_active_per_user:
+        raise TooManyActiveExports(
+            f"you already have {settings.export_max_active_per_user} exports queued or running",
+            retry_after=ACTIVE_CAP_RETRY_AFTER,
+        )
+    try:
+        with session.begin_nested():
+            moved = _requeue(session, settings=settings, job=job, user=user)
+    except IntegrityError:  # the unique in-flight index: an identical export is running
+        raise Conflict("an identical export of yours is already queued or running") from None
+    if moved is None:
+        raise Conflict("the export changed state; reload and try again")
+    outbox.add(session, ExportRequested(export_id=str(job.id), account=account.slug))
+    return moved
+
+
+def _requeue(
+    session: Session, *, settings: Settings, job: ExportJob, user: User
+) -> ExportJob | None:
+    return jobs.transition(
+        session,
+        job.id,
+        to=ExportState.QUEUED,
+        expected=jobs.RETRYABLE_FROM,
+        actor=f"user:{user.id}",
+        detail="retry",
+        attempts=0,
+        max_attempts=settings.export_max_attempts,
+        requested_by=user.id,
+        enqueued_at=func.now(),
+        error_code=None,
+        error_message=None,
+        error_class=None,
+        finished_at=None,
+        expires_at=None,
+        row_count=None,
+        rows_written=0,
+        rows_estimate=None,
+        storage_key=None,
+        size_bytes=None,
+        sha256=None,
+        file_name=None,
+        worker_id=None,
+    )
+
+
+def cancel(session: Session, *, export_id: str, user: User) -> ExportJob:
+    job, account = get_for_admin(session, export_id, user)
+    moved = jobs.transition(
+        session,
+        job.id,
+        to=ExportState.CANCELED,
+        expected=jobs.ACTIVE,
+        actor=f"user:{user.id}",
+        detail="cancel",
+        finished_at=func.now(),
+        lease_expires_at=None,
+    )
+    if moved is None:
+        raise Conflict(f"only queued or running exports can be canceled (this one is {job.state})")
+    outbox.add(session, ExportCanceled(export_id=str(job.id), account=account.slug))
+    return moved
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def link_expiry(settings: Settings, job: ExportJob) -> dt.datetime:
+    """A link lives EXPORT_LINK_TTL_SECONDS, never beyond the file's own expiry."""
+    assert job.expires_at is not None
+    ttl = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=settings.export_link_ttl_seconds)
+    return min(ttl, job.expires_at)
+
+
+def to_json(
+    job: ExportJob, *, account: Account, settings: Settings, viewer: User, base_url: str
+) -> dict[str, Any]:
+    """The ``<Export>`` object of the HTTP contract, with a download link for ``viewer``.
+
+    ``base_url`` prefixes the link when PUBLIC_URL is not set (the request's own origin).
+    """
+    estimate = job.rows_estimate
+    if job.state is ExportState.READY:
+        percent: float | None = 100.0
+    elif estimate:
+        percent = round(min(100.0, 100.0 * job.rows_written / estimate), 1)
+    else:
+        percent = 0.0 if job.state in jobs.ACTIVE else None
+    now = dt.datetime.now(dt.UTC)
+    downloadable = (
+        job.state is ExportState.READY and job.expires_at is not None and job.expires_at > now
+    )
+    download_url = None
+    if downloadable:
+        path = download_path(
+            SigningKeys.from_settings(settings),
+            export_id=str(job.id),
+            user_id=viewer.id,
+            expires_at=link_expiry(settings, job),
+        )
+        download_url = (settings.public_url or base_url).rstrip("/") + path
+    error = None
+    if job.error_code and job.state in (ExportState.FAILED, ExportState.QUEUED):
+        error = {
+            "code": job.error_code,
+            "message": job.error_message,
+            "retryable": job.error_class is not None and job.error_class.value == "retryable",
+        }
+    file = None
+    if job.state is ExportState.READY and job.file_name:
+        file = {"name": job.file_name, "size_bytes": job.size_bytes, "sha256": job.sha256}
+    return {
+        "id": str(job.id),
+        "account": account.slug,
+        "state": job.state.value,
+        "filters": job.filters,
+        "row_count": job.row_count,
+        "progress": {
+            "rows_written": job.rows_written,
+            "rows_estimate": estimate,
+            "percent": percent,
+        },
+        "attempts": job.attempts,
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "expires_at": _iso(job.expires_at),
+        "error": error,
+        "download_url": download_url,
+        "file": file,
+    }

@@ -1,0 +1,361 @@
+"""Runs one export: claim, count, COPY into storage, then ready / retry / failed.
+
+Used by the Dramatiq actor (background exports) and by the API for small exports made inside
+the request. PostgreSQL decides who owns a job; storage never shows a partial file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import io
+import logging
+import os
+import socket
+import threading
+import uuid
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import errors as pg_errors
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared import jobs, outbox
+from shared.csvfile import CopyStream, CsvFile, ExportQuery, Throttled
+from shared.db import libpq_url, transaction
+from shared.errors import StorageError, TooManyRows
+from shared.events import ExportFailed, ExportReady, ExportStarted
+from shared.filters import from_snapshot
+from shared.flags import FlagCache
+from shared.models import Account, ErrorClass, ExportJob, ExportState
+from shared.settings import Settings
+from shared.storage import Storage, new_object_key
+
+log = logging.getLogger(__name__)
+
+#: How often a running export renews its lease and records progress (seconds; spec: <= 2).
+HEARTBEAT_SECONDS = 1.0
+
+
+class Outcome(enum.Enum):
+    """What happened to one attempt at running an export."""
+
+    READY = "ready"
+    RETRY = "retry"  # failed, back in the queue; run again after ``Result.delay_seconds``
+    FAILED = "failed"
+    CANCELED = "canceled"
+    BUSY = "busy"  # another export of the account is running; try again shortly
+    PAUSED = "paused"  # workers_paused is on
+    SKIPPED = "skipped"  # not queued any more (done, canceled, or claimed by someone else)
+
+
+@dataclass(frozen=True)
+class Result:
+    outcome: Outcome
+    delay_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class SafeError:
+    """What users may see of a failure, and who can fix it."""
+
+    code: str
+    message: str
+    error_class: ErrorClass
+
+
+def classify(exc: BaseException, *, canceled_by_us: bool) -> SafeError:
+    """Turn an exception into a safe, classified error (never SQL, traces or secrets)."""
+    if isinstance(exc, TooManyRows):
+        return SafeError("too_many_rows", exc.message, ErrorClass.USER)
+    if isinstance(exc, pg_errors.QueryCanceled) and not canceled_by_us:
+        return SafeError(
+            "query_timeout",
+            "The export took longer than allowed. Narrow the filters (for example a shorter "
+            "date range) and try again.",
+            ErrorClass.USER,
+        )
+    if isinstance(exc, psycopg.OperationalError):
+        return SafeError(
+            "database_unavailable",
+            "The database connection was interrupted. The export will be retried.",
+            ErrorClass.RETRYABLE,
+        )
+    if isinstance(exc, StorageError):
+        return SafeError(
+            "storage_unavailable",
+            "The file could not be stored. The export will be retried.",
+            ErrorClass.RETRYABLE,
+        )
+    return SafeError(
+        "internal_error",
+        "An unexpected error stopped the export. Please contact support.",
+        ErrorClass.ENGINEERING,
+    )
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Heartbeat(threading.Thread):
+    """Renews the lease and writes progress; cancels the COPY when the job is taken away."""
+
+    def __init__(
+        self,
+        *,
+        sessions: sessionmaker[Session],
+        job: ExportJob,
+        worker_id: str,
+        lease_seconds: int,
+        query: ExportQuery,
+    ) -> None:
+        super().__init__(name=f"heartbeat-{job.id}", daemon=True)
+        self._sessions = sessions
+        self._job_id = job.id
+        self._worker_id = worker_id
+        self._lease_seconds = lease_seconds
+        self._query = query
+        self._stop_event = threading.Event()
+        self.rows_estimate: int | None = None
+        self.lost = False
+
+    def run(self) -> None:
+        while not self._stop_event.wait(HEARTBEAT_SECONDS):
+            try:
+                with transaction(self._sessions) as session:
+                    ours = jobs.heartbeat(
+                        session,
+                        self._job_id,
+                        worker_id=self._worker_id,
+                        lease_seconds=self._lease_seconds,
+                        rows_written=self._query.rows_written,
+                        rows_estimate=self.rows_estimate,
+                    )
+            except Exception:  # the database may be briefly away; the lease covers that
+                log.warning("heartbeat for export %s failed; will try again", self._job_id)
+                continue
+            if not ours:
+                log.info(
+                    "export %s is no longer ours (canceled or rescued); stopping it", self._job_id
+                )
+                self.lost = True
+                self._query.cancel()
+                return
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+class ExportRunner:
+    """Runs exports for one process; safe to call from several threads."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        storage: Storage,
+        flags: FlagCache,
+    ) -> None:
+        self._settings = settings
+        self._sessions = sessions
+        self._storage = storage
+        self._flags = flags
+        self._export_database_url = libpq_url(settings.export_database_url or settings.database_url)
+
+    def run(self, export_id: uuid.UUID, *, inline: bool = False) -> Result:
+        """One attempt at the export. ``inline`` exports skip the queue rules and the email."""
+        if not inline and self._flags.get("workers_paused"):
+            return Result(Outcome.PAUSED)
+        worker_id = new_worker_id()
+        with transaction(self._sessions) as session:
+            job = jobs.claim(
+                session,
+                export_id,
+                worker_id=worker_id,
+                lease_seconds=self._settings.export_lease_seconds,
+                exclusive_per_account=not inline,
+            )
+            if job is None:
+                state = session.scalar(select(ExportJob.state).where(ExportJob.id == export_id))
+                return Result(Outcome.BUSY if state is ExportState.QUEUED else Outcome.SKIPPED)
+            account = session.get_one(Account, job.account_id)
+            outbox.add(
+                session,
+                ExportStarted(export_id=str(job.id), account=account.slug, attempt=job.attempts),
+            )
+        return self._generate(job, account, worker_id=worker_id, inline=inline)
+
+    def _generate(
+        self, job: ExportJob, account: Account, *, worker_id: str, inline: bool
+    ) -> Result:
+        key = new_object_key(account_id=account.id, export_id=str(job.id))
+        filters = from_snapshot(job.filters)
+        limit = self._settings.export_max_rows
+        with ExportQuery(
+            database_url=self._export_database_url,
+            statement_timeout_seconds=self._settings.export_statement_timeout_seconds,
+        ) as query:
+            heartbeat = Heartbeat(
+                sessions=self._sessions,
+                job=job,
+                worker_id=worker_id,
+                lease_seconds=self._settings.export_lease_seconds,
+                query=query,
+            )
+            heartbeat.start()
+            try:
+                rows = query.count(account, filters, bound=limit + 1)
+                if rows > limit:
+                    raise TooManyRows(
+                        f"The export would have more than {limit:,} rows. "
+                        "Narrow the filters and try again."
+                    )
+                heartbeat.rows_estimate = rows
+                csv_file = query.stream_into(
+                    account,
+                    filters,
+                    utf8_bom=job.utf8_bom,
+                    limit=limit + 1,
+                    sink=lambda stream: self._store(key, stream),
+                )
+            except Exception as exc:
+                heartbeat.stop()
+                if heartbeat.lost or query.canceled:
+                    self._discard(key)
+                    return Result(Outcome.CANCELED)
+                return self._fail(job, account, exc, worker_id=worker_id, key=key)
+            heartbeat.stop()
+        if heartbeat.lost:
+            self._discard(key)
+            return Result(Outcome.CANCELED)
+        return self._finish(job, account, csv_file, worker_id=worker_id, key=key, notify=not inline)
+
+    def _discard(self, key: str) -> None:
+        """Best-effort removal of a file that must not stay (a failed put leaves none anyway;
+        the bucket's lifecycle rule sweeps whatever an outage leaves behind)."""
+        try:
+            self._storage.delete(key)
+        except StorageError:
+            log.warning("could not delete %s now; the storage lifecycle rule will", key)
+
+    def _store(self, key: str, stream: CopyStream) -> None:
+        source: io.RawIOBase = stream
+        if self._settings.export_max_bytes_per_second:
+            source = Throttled(stream, bytes_per_second=self._settings.export_max_bytes_per_second)
+        try:
+            self._storage.put(key, source)  # type: ignore[arg-type]
+        except (StorageError, psycopg.Error):
+            raise
+        except OSError as exc:
+            raise StorageError("storage write failed") from exc
+
+    def _finish(
+        self,
+        job: ExportJob,
+        account: Account,
+        csv_file: CsvFile,
+        *,
+        worker_id: str,
+        key: str,
+        notify: bool,
+    ) -> Result:
+        expires_at = dt.datetime.now(dt.UTC) + dt.timedelta(
+            seconds=self._settings.export_file_ttl_seconds
+        )
+        with transaction(self._sessions) as session:
+            done = jobs.transition(
+                session,
+                job.id,
+                to=ExportState.READY,
+                expected=[ExportState.RUNNING],
+                actor=f"worker:{worker_id}",
+                where=[ExportJob.worker_id == worker_id],
+                row_count=csv_file.row_count,
+                rows_written=csv_file.row_count,
+                rows_estimate=csv_file.row_count,
+                size_bytes=csv_file.size_bytes,
+                sha256=csv_file.sha256,
+                storage_key=key,
+                file_name=file_name(account.slug, job.created_at),
+                finished_at=func.now(),
+                expires_at=expires_at,
+                lease_expires_at=None,
+            )
+            if done is not None:
+                outbox.add(
+                    session,
+                    ExportReady(
+                        export_id=str(job.id),
+                        account=account.slug,
+                        requested_by=job.requested_by,
+                        row_count=csv_file.row_count,
+                        size_bytes=csv_file.size_bytes,
+                        expires_at=expires_at.isoformat(),
+                        notify=notify,
+                    ),
+                )
+        if done is None:  # canceled or rescued while we were finishing
+            self._discard(key)
+            return Result(Outcome.CANCELED)
+        return Result(Outcome.READY)
+
+    def _fail(
+        self, job: ExportJob, account: Account, exc: Exception, *, worker_id: str, key: str
+    ) -> Result:
+        error = classify(exc, canceled_by_us=False)
+        if error.error_class is ErrorClass.ENGINEERING:
+            log.exception("export %s failed unexpectedly", job.id)
+        else:
+            log.warning("export %s failed: %s (%s)", job.id, error.code, type(exc).__name__)
+        self._discard(key)
+        retry = error.error_class is ErrorClass.RETRYABLE and job.attempts < job.max_attempts
+        actor = f"worker:{worker_id}"
+        with transaction(self._sessions) as session:
+            # Back to the queue while attempts remain, otherwise failed for good.
+            target = ExportState.QUEUED if retry else ExportState.FAILED
+            extra = (
+                {"worker_id": None, "enqueued_at": func.now()}
+                if retry
+                else {"finished_at": func.now()}
+            )
+            moved = jobs.transition(
+                session,
+                job.id,
+                to=target,
+                expected=[ExportState.RUNNING],
+                actor=actor,
+                detail=error.code,
+                where=[ExportJob.worker_id == worker_id],
+                error_code=error.code,
+                error_message=error.message,
+                error_class=error.error_class,
+                lease_expires_at=None,
+                **extra,
+            )
+            if moved is None:
+                return Result(Outcome.CANCELED)
+            outbox.add(
+                session,
+                ExportFailed(
+                    export_id=str(job.id),
+                    account=account.slug,
+                    requested_by=job.requested_by,
+                    code=error.code,
+                    message=error.message,
+                    retryable=error.error_class is ErrorClass.RETRYABLE,
+                    final=not retry,
+                ),
+            )
+        if retry:
+            delay = self._settings.export_retry_backoff_seconds * 2 ** (job.attempts - 1)
+            return Result(Outcome.RETRY, delay_seconds=delay)
+        return Result(Outcome.FAILED)
+
+
+def file_name(account_slug: str, created_at: dt.datetime) -> str:
+    """``orders-<slug>-<YYYYMMDD-HHMM>.csv`` (UTC time of the request)."""
+    return f"orders-{account_slug}-{created_at.astimezone(dt.UTC):%Y%m%d-%H%M}.csv"

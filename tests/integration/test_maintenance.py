@@ -1,0 +1,164 @@
+"""Housekeeping against real PostgreSQL, storage and Redis: rescue, expiry, resend."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.worker.actors import EXPORTS_QUEUE, Actors, declare_actors, make_broker
+from services.worker.maintenance import Maintenance
+from shared.db import transaction
+from shared.devstack.redis import EmbeddedRedis
+from shared.identity import ensure_account, upsert_user
+from shared.models import ExportJob, ExportState, OutboxMessage
+from shared.settings import Settings
+from shared.storage import Storage, new_object_key, storage_from_url
+from tests.integration.exportdata import make_job
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server = EmbeddedRedis(data_dir=Path(tmp_path_factory.mktemp("redis")))
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory: pytest.TempPathFactory) -> Storage:
+    store = storage_from_url(Path(tmp_path_factory.mktemp("files")).as_uri())
+    store.prepare()
+    return store
+
+
+@pytest.fixture(scope="module")
+def actors(settings: Settings, redis_url: str, sessions: sessionmaker[Session]) -> Iterator[Actors]:
+    broker = make_broker(settings.model_copy(update={"redis_url": redis_url}))
+    try:
+        yield declare_actors(broker, runner=None, sessions=sessions)
+    finally:
+        broker.close()
+
+
+@pytest.fixture(scope="module")
+def ids(sessions: sessionmaker[Session]) -> dict[str, int]:
+    with transaction(sessions) as session:
+        account = ensure_account(session, slug="house")
+        user = upsert_user(session, email="house@example.test", password="long-enough-pw")
+        return {"account": account.id, "user": user.id}
+
+
+@pytest.fixture
+def maintenance(
+    settings: Settings, sessions: sessionmaker[Session], storage: Storage, actors: Actors
+) -> Maintenance:
+    return Maintenance(settings=settings, sessions=sessions, storage=storage, actors=actors)
+
+
+def queued_messages(redis_url: str) -> int:
+    return int(redis.Redis.from_url(redis_url).llen(f"dramatiq:{EXPORTS_QUEUE}"))
+
+
+def get(sessions: sessionmaker[Session], export_id: object) -> ExportJob:
+    with sessions() as session:
+        return session.get_one(ExportJob, export_id)
+
+
+def test_rescue_requeues_jobs_of_dead_workers_and_fails_exhausted_ones(
+    maintenance: Maintenance, sessions: sessionmaker[Session], ids: dict[str, int], redis_url: str
+) -> None:
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)
+    owner = {"account_id": ids["account"], "user_id": ids["user"], "state": ExportState.RUNNING}
+    alive = make_job(
+        sessions,
+        **owner,
+        attempts=1,
+        worker_id="alive",
+        lease_expires_at=past + dt.timedelta(minutes=10),
+    )
+    crashed = make_job(sessions, **owner, attempts=1, worker_id="dead", lease_expires_at=past)
+    exhausted = make_job(sessions, **owner, attempts=3, worker_id="dead", lease_expires_at=past)
+    before = queued_messages(redis_url)
+    assert maintenance.rescue() == 1
+    assert get(sessions, alive).state is ExportState.RUNNING
+    rescued = get(sessions, crashed)
+    assert (rescued.state, rescued.worker_id, rescued.error_code) == (
+        ExportState.QUEUED,
+        None,
+        "worker_lost",
+    )
+    failed = get(sessions, exhausted)
+    assert (failed.state, failed.error_code) == (ExportState.FAILED, "worker_lost")
+    assert queued_messages(redis_url) == before + 1  # a work message for the rescued job only
+    with sessions() as session:
+        final = session.scalars(
+            select(OutboxMessage.payload["final"].as_boolean()).where(
+                OutboxMessage.key == str(exhausted)
+            )
+        ).all()
+    assert final == [True]
+
+
+def test_expiry_deletes_the_file_and_marks_the_export_expired(
+    maintenance: Maintenance, sessions: sessionmaker[Session], storage: Storage, ids: dict[str, int]
+) -> None:
+    keys = {}
+    for name, offset in (("old", -60), ("fresh", 3600)):
+        key = new_object_key(account_id=ids["account"], export_id=name)
+        storage.put(key, io.BytesIO(b"number\nA-1\n"))
+        expires_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=offset)
+        export_id = make_job(
+            sessions, account_id=ids["account"], user_id=ids["user"], state=ExportState.READY,
+            storage_key=key, expires_at=expires_at,
+        )  # fmt: skip
+        keys[name] = (key, export_id)
+    assert maintenance.expire() == 1
+    old_key, old_id = keys["old"]
+    assert get(sessions, old_id).state is ExportState.EXPIRED
+    assert not storage.exists(old_key)
+    fresh_key, fresh_id = keys["fresh"]
+    assert get(sessions, fresh_id).state is ExportState.READY and storage.exists(fresh_key)
+    with sessions() as session:
+        types = session.scalars(
+            select(OutboxMessage.payload["type"].as_string()).where(
+                OutboxMessage.key == str(old_id)
+            )
+        )
+        assert "ExportExpired" in list(types)
+
+
+def test_lost_work_messages_are_sent_again(
+    maintenance: Maintenance,
+    sessions: sessionmaker[Session],
+    ids: dict[str, int],
+    redis_url: str,
+    settings: Settings,
+) -> None:
+    stale = make_job(sessions, account_id=ids["account"], user_id=ids["user"])
+    recent = make_job(sessions, account_id=ids["account"], user_id=ids["user"])
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(
+        seconds=settings.export_requeue_after_seconds + 5
+    )
+    with transaction(sessions) as session:
+        session.execute(
+            update(ExportJob)
+            .where(ExportJob.id == stale)
+            .values(enqueued_at=long_ago, created_at=long_ago)
+        )
+        session.execute(
+            update(ExportJob)
+            .where(ExportJob.id == recent)
+            .values(enqueued_at=dt.datetime.now(dt.UTC))
+        )
+    before = queued_messages(redis_url)
+    assert maintenance.resend() == 1
+    assert queued_messages(redis_url) == before + 1
+    assert maintenance.resend() == 0  # enqueued_at moved on: not sent twice

@@ -1,0 +1,367 @@
+"""ExportRunner against real PostgreSQL and storage: progress, cancel, timeouts, failures."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.db import transaction
+from shared.devstack.mailsink import MailSink
+from shared.errors import StorageError
+from shared.events import decode
+from shared.flags import FlagCache, set_flag
+from shared.identity import ensure_account, set_membership, upsert_user
+from shared.models import ErrorClass, ExportJob, ExportState, OutboxMessage, Role
+from shared.notifications import Notifier
+from shared.runner import ExportRunner, Outcome
+from shared.seeding import seed_orders
+from shared.settings import Settings
+from shared.storage import Storage, storage_from_url
+from tests.integration.exportdata import make_job
+
+ORDERS = 30_000
+
+
+class SlowReader(io.RawIOBase):
+    """Reads the COPY stream in small steps with a pause: a slow network to storage."""
+
+    def __init__(self, stream: BinaryIO, *, pause: float, step: int = 64 * 1024) -> None:
+        super().__init__()
+        self._stream, self._pause, self._step = stream, pause, step
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        time.sleep(self._pause)
+        data = self._stream.read(min(len(buffer), self._step))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class FaultyStorage:
+    """Local storage that can be slowed down or made to fail, for fault tests."""
+
+    def __init__(self, inner: Storage) -> None:
+        self.inner = inner
+        self.pause = 0.0
+        self.failing = False
+
+    def prepare(self) -> None:
+        self.inner.prepare()
+
+    def put(self, key: str, stream: BinaryIO) -> int:
+        if self.failing:
+            stream.read(1024 * 1024)
+            raise StorageError("object storage put failed: server unreachable")
+        if self.pause:
+            stream = SlowReader(stream, pause=self.pause)  # type: ignore[assignment]
+        return self.inner.put(key, stream)
+
+    def open(self, key: str) -> Iterator[bytes]:
+        return self.inner.open(key)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+    def exists(self, key: str) -> bool:
+        return self.inner.exists(key)
+
+    def size(self, key: str) -> int:
+        return self.inner.size(key)
+
+
+@pytest.fixture(scope="module")
+def ids(sessions: sessionmaker[Session]) -> dict[str, int]:
+    with transaction(sessions) as session:
+        user = upsert_user(session, email="runner@example.test", password="long-enough-pw")
+        result = {"user": user.id}
+        for slug in ("run-a", "run-b", "run-c", "run-d", "run-e", "run-f"):
+            account = ensure_account(session, slug=slug, timezone="Europe/Berlin")
+            set_membership(session, account=account, user=user, role=Role.ADMIN)
+            seed_orders(session, account, orders=ORDERS, seed=3)
+            result[slug] = account.id
+        return result
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> FaultyStorage:
+    inner = storage_from_url((tmp_path / "files").as_uri())
+    inner.prepare()
+    return FaultyStorage(inner)
+
+
+def files_in(storage: FaultyStorage) -> list[Path]:
+    root = Path(storage.inner.root)  # type: ignore[attr-defined]
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+def make_runner(
+    settings: Settings, sessions: sessionmaker[Session], storage: FaultyStorage, **overrides: Any
+) -> ExportRunner:
+    return ExportRunner(
+        settings=settings.model_copy(update={"export_retry_backoff_seconds": 0.1, **overrides}),
+        sessions=sessions,
+        storage=storage,
+        flags=FlagCache(sessions, max_age=0),
+    )
+
+
+def job_of(sessions: sessionmaker[Session], export_id: uuid.UUID) -> ExportJob:
+    with sessions() as session:
+        return session.get_one(ExportJob, export_id)
+
+
+def events_of(sessions: sessionmaker[Session], export_id: uuid.UUID) -> list[dict[str, Any]]:
+    with sessions() as session:
+        rows = session.scalars(
+            select(OutboxMessage)
+            .where(OutboxMessage.key == str(export_id))
+            .order_by(OutboxMessage.id)
+        )
+        return [row.payload for row in rows]
+
+
+def test_success_records_file_and_events(
+    settings: Settings, sessions: sessionmaker[Session], storage: FaultyStorage, ids: dict[str, int]
+) -> None:
+    export_id = make_job(sessions, account_id=ids["run-a"], user_id=ids["user"])
+    assert make_runner(settings, sessions, storage).run(export_id).outcome is Outcome.READY
+    job = job_of(sessions, export_id)
+    assert (job.state, job.row_count, job.rows_written, job.attempts) == (
+        ExportState.READY,
+        ORDERS,
+        ORDERS,
+        1,
+    )
+    assert job.size_bytes == sum(p.stat().st_size for p in files_in(storage))
+    assert job.expires_at is not None and job.finished_at is not None
+    assert (job.expires_at - job.finished_at).total_seconds() == pytest.approx(
+        settings.export_file_ttl_seconds, abs=5
+    )
+    assert [e["type"] for e in events_of(sessions, export_id)] == ["ExportStarted", "ExportReady"]
+
+
+def test_progress_is_recorded_while_running(
+    settings: Settings, sessions: sessionmaker[Session], storage: FaultyStorage, ids: dict[str, int]
+) -> None:
+    storage.pause = 0.05  # ~3 MB in 64 KiB steps: a few seconds
+    export_id = make_job(sessions, account_id=ids["run-b"], user_id=ids["user"])
+    runner = make_runner(settings, sessions, storage)
+    thread = threading.Thread(target=runner.run, args=(export_id,))
+    thread.start()
+    seen: list[tuple[int, int | None]] = []
+    while thread.is_alive():
+        job = job_of(sessions, export_id)
+        if job.state is ExportState.RUNNING:
+            seen.append((job.rows_written, job.rows_estimate))
+        time.sleep(0.3)
+    thread.join()
+    written = [w for w, _ in seen]
+    assert len(set(written)) >= 3, seen  # progress moved several times
+    assert written == sorted(written)
+    assert {e for _, e in seen if e is not None} == {
+        ORDERS
+    }  # exact estimate from the same snapshot
+    assert job_of(sessions, export_id).state is ExportState.READY
+
+
+def test_cancel_stops_a_running_copy_within_seconds(
+    settings: Settings, sessions: sessionmaker[Session], storage: FaultyStorage, ids: dict[str, int]
+) -> None:
+    storage.pause = 0.2  # would take ~10 s
+    export_id = make_job(sessions, account_id=ids["run-c"], user_id=ids["user"])
+    runner = make_runner(settings, sessions, storage)
+    results: list[Outcome] = []
+    thread = threading.Thread(target=lambda: results.append(runner.run(export_id).outcome))
+    thread.start()
+    while job_of(sessions, export_id).rows_written == 0:
+        time.sleep(0.1)
+    from shared import jobs
+
+    with transaction(sessions) as session:
+        jobs.transition(
+            session,
+            export_id,
+            to=ExportState.CANCELED,
+            expected=[ExportState.RUNNING],
+            actor="user:1",
+        )
+    canceled_at = time.monotonic()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert time.monotonic() - canceled_at < 4
+    assert results == [Outcome.CANCELED]
+    assert job_of(sessions, export_id).state is ExportState.CANCELED
+    assert files_in(storage) == []  # no partial file, no leftovers
+
+
+def test_statement_timeout_fails_as_user_fixable(
+    settings: Settings, sessions: sessionmaker[Session], storage: FaultyStorage, ids: dict[str, int]
+) -> None:
+    storage.pause = 0.2
+    export_id = make_job(sessions, account_id=ids["run-d"], user_id=ids["user"])
+    result = make_runner(settings, sessions, storage, export_statement_timeout_seconds=1).run(
+        export_id
+    )
+    assert result.outcome is Outcome.FAILED
+    job = job_of(sessions, export_id)
+    assert (job.state, job.error_code, job.error_class) == (
+        ExportState.FAILED,
+        "query_timeout",
+        ErrorClass.USER,
+    )
+    assert "Narrow the filters" in (job.error_message or "")
+    assert files_in(storage) == []
+    assert events_of(sessions, export_id)[-1]["final"] is True
+
+
+def test_storage_failure_is_retried_then_fails_then_manual_retry_works(
+    settings: Settings, sessions: sessionmaker[Session], storage: FaultyStorage, ids: dict[str, int]
+) -> None:
+    storage.failing = True
+    export_id = make_job(sessions, account_id=ids["run-e"], user_id=ids["user"])
+    runner = make_runner(settings, sessions, storage)
+    outcomes = [runner.run(export_id) for _ in range(3)]
+    assert [r.outcome for r in outcomes] == [Outcome.RETRY, Outcome.RETRY, Outcome.FAILED]
+    assert outcomes[1].delay_seconds == 2 * outcomes[0].delay_seconds  # exponential backoff
+    job = job_of(sessions, export_id)
+    assert (job.state, job.attempts, job.error_code) == (
+        ExportState.FAILED,
+        3,
+        "storage_unavailable",
+    )
+    assert "retried" in (job.error_message or "") and "unreachable" not in (job.error_message or "")
+    failed = [e for e in events_of(sessions, export_id) if e["type"] == "ExportFailed"]
+    assert [e["final"] for e in failed] == [False, False, True]
+    assert runner.run(export_id).outcome is Outcome.SKIPPED  # attempts used up, nothing claims it
+    # When storage is back and the user retries
+    storage.failing = False
+    from shared import exports
+
+    with transaction(sessions) as session:
+        from shared.models import User
+
+        user = session.get_one(User, ids["user"])
+        exports.retry(
+            session,
+            settings=settings,
+            flags=FlagCache(sessions, max_age=0),
+            export_id=str(export_id),
+            user=user,
+        )
+    assert runner.run(export_id).outcome is Outcome.READY
+    assert job_of(sessions, export_id).attempts == 1
+
+
+def test_worker_rows_cap_is_enforced_without_truncating(
+    settings: Settings, sessions: sessionmaker[Session], storage: FaultyStorage, ids: dict[str, int]
+) -> None:
+    export_id = make_job(sessions, account_id=ids["run-a"], user_id=ids["user"])
+    assert (
+        make_runner(settings, sessions, storage, export_max_rows=ORDERS - 1).run(export_id).outcome
+        is Outcome.FAILED
+    )
+    job = job_of(sessions, export_id)
+    assert (job.error_code, job.error_class) == ("too_many_rows", ErrorClass.USER)
+    assert files_in(storage) == []
+
+
+def test_paused_workers_claim_nothing(
+    settings: Settings, sessions: sessionmaker[Session], storage: FaultyStorage, ids: dict[str, int]
+) -> None:
+    export_id = make_job(sessions, account_id=ids["run-a"], user_id=ids["user"])
+    with transaction(sessions) as session:
+        set_flag(session, "workers_paused", True)
+    try:
+        assert make_runner(settings, sessions, storage).run(export_id).outcome is Outcome.PAUSED
+        assert job_of(sessions, export_id).state is ExportState.QUEUED
+    finally:
+        with transaction(sessions) as session:
+            set_flag(session, "workers_paused", False)
+    assert make_runner(settings, sessions, storage).run(export_id).outcome is Outcome.READY
+
+
+@pytest.fixture
+def mail_sink(tmp_path: Path) -> Iterator[MailSink]:
+    sink = MailSink(mail_dir=tmp_path / "mail", ready_file=tmp_path / "run" / "mail.ready")
+    sink.start()
+    try:
+        yield sink
+    finally:
+        sink.stop()
+
+
+def test_racing_workers_produce_one_file_one_event_one_email(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    storage: FaultyStorage,
+    ids: dict[str, int],
+    mail_sink: MailSink,
+) -> None:
+    export_id = make_job(sessions, account_id=ids["run-f"], user_id=ids["user"])
+    runner = make_runner(settings, sessions, storage)
+    barrier = threading.Barrier(4)
+    outcomes: list[Outcome] = []
+
+    def race() -> None:
+        barrier.wait()
+        outcomes.append(runner.run(export_id).outcome)
+
+    threads = [threading.Thread(target=race) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(o.value for o in outcomes) == ["ready", "skipped", "skipped", "skipped"]
+    assert len(files_in(storage)) == 1
+    events = events_of(sessions, export_id)
+    assert [e["type"] for e in events].count("ExportReady") == 1
+    # and the notifier, even when handed every event twice, sends one email
+    assert mail_sink.url is not None
+    notifier = Notifier(
+        settings=settings.model_copy(
+            update={"smtp_url": mail_sink.url, "public_url": "http://127.0.0.1:9"}
+        ),
+        sessions=sessions,
+    )
+    for payload in events * 2:
+        notifier.handle(decode(json.dumps(payload).encode()))
+    assert len(mail_sink.messages()) == 1
+
+
+def test_terminated_database_connection_is_retryable(
+    settings: Settings, sessions: sessionmaker[Session], storage: FaultyStorage, ids: dict[str, int]
+) -> None:
+    storage.pause = 0.1
+    export_id = make_job(sessions, account_id=ids["run-b"], user_id=ids["user"])
+    runner = make_runner(settings, sessions, storage)
+    results: list[Any] = []
+    thread = threading.Thread(target=lambda: results.append(runner.run(export_id)))
+    thread.start()
+    while job_of(sessions, export_id).rows_written == 0:
+        time.sleep(0.1)
+    with transaction(sessions) as session:
+        session.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = 'orders-export-worker'"
+            )
+        )
+    thread.join(timeout=15)
+    assert results[0].outcome is Outcome.RETRY
+    job = job_of(sessions, export_id)
+    assert (job.state, job.error_code) == (ExportState.QUEUED, "database_unavailable")
+    storage.pause = 0
+    assert runner.run(export_id).outcome is Outcome.READY
+    assert files_in(storage) and len(files_in(storage)) == 1
