@@ -431,14 +431,16 @@ def test_cookie_authenticated_export_needs_csrf(
     assert ok.status_code in (201, 202)
 
 
+@pytest.fixture(scope="module")
+def ready(client: TestClient, population: Population) -> dict[str, Any]:
+    """A small export made in the request: ready, with a download link for the admin."""
+    response = post_export(client, population, {"status": ["canceled"], "sort": "number"})
+    assert response.status_code == 201
+    return response.json()["export"]  # type: ignore[no-any-return]
+
+
 class TestDownloads:
     """The signed link: who may use it, when, and what is recorded."""
-
-    @pytest.fixture(scope="class")
-    def ready(self, client: TestClient, population: Population) -> dict[str, Any]:
-        response = post_export(client, population, {"status": ["canceled"], "sort": "number"})
-        assert response.status_code == 201
-        return response.json()["export"]  # type: ignore[no-any-return]
 
     def outcomes(self, sessions: sessionmaker[Session], export_id: str) -> list[str]:
         with sessions() as session:
