@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Arguments for `make demo`, e.g. make demo DEMO_ARGS="--port 8080 --demo-orders 500000"
 DEMO_ARGS ?=
 
-.PHONY: install demo test lint typecheck pytest bench-seed clean
+.PHONY: install demo test lint typecheck pytest bench bench-seed clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ pytest: install
 	$(BIN)/python -m pytest
 
 test: lint typecheck pytest
+
+# The export benchmark (docs/performance.md); BENCH_ARGS="--rows 5000000 --skip-naive" for 5M.
+BENCH_ARGS ?=
+bench: install
+	$(BIN)/python benchmarks/export.py $(BENCH_ARGS)
 
 bench-seed: install
 	$(BIN)/python benchmarks/seed.py

@@ -9,6 +9,7 @@ import uuid
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from shared import metrics
 from shared.errors import (
     BadSignature,
     FileExpired,
@@ -32,6 +33,11 @@ class Outcome(enum.StrEnum):
     BAD_SIGNATURE = "bad_signature"
     LINK_EXPIRED = "link_expired"
     FILE_EXPIRED = "file_expired"
+
+
+def declare_metrics() -> None:
+    """Every outcome's series at zero (see :func:`shared.metrics.declare`)."""
+    metrics.declare(metrics.DOWNLOADS, *((outcome.value,) for outcome in Outcome))
 
 
 def outcome_of(exc: OrdersExportError) -> Outcome:
@@ -91,7 +97,7 @@ def record(
     outcome: Outcome,
     client_ip: str | None,
 ) -> None:
-    """Append one attempt to the audit trail (``download_attempts``)."""
+    """Append one attempt to the audit trail (``download_attempts``) and count it."""
     try:
         key: uuid.UUID | None = uuid.UUID(export_id)
     except ValueError:
@@ -99,3 +105,4 @@ def record(
     session.add(
         DownloadAttempt(export_id=key, user_id=user_id, outcome=outcome.value, client_ip=client_ip)
     )
+    metrics.DOWNLOADS.labels(outcome.value).inc()

@@ -19,6 +19,8 @@ from shared.models import ORDER_CHANNELS, ORDER_STATUSES
 MAX_Q_LENGTH = 200
 #: Largest absolute total accepted by min_total / max_total (numeric(12,2) holds less).
 MAX_TOTAL = Decimal("10000000000")
+#: Longest unknown parameter name repeated in an error (characters).
+MAX_SHOWN_NAME = 40
 #: Sort used when none is given.
 DEFAULT_SORT = "-placed_at"
 #: The sorts of the report: name -> (order column, descending?). Ties break on order id.
@@ -29,6 +31,15 @@ SORTS: dict[str, tuple[str, bool]] = {
     "total": ("total", False),
     "number": ("number", False),
     "-number": ("number", True),
+}
+#: Words for each sort (menus, export pages).
+SORT_LABELS: dict[str, str] = {
+    "-placed_at": "newest first",
+    "placed_at": "oldest first",
+    "-total": "highest total first",
+    "total": "lowest total first",
+    "number": "order number",
+    "-number": "order number, descending",
 }
 
 FILTER_NAMES = (
@@ -153,6 +164,11 @@ def _single(name: str, values: Sequence[str]) -> str | None:
     return value if value != "" else None
 
 
+def _shown_name(name: str) -> str:
+    """An unknown parameter name as an error may repeat it: short, and never empty."""
+    return name[:MAX_SHOWN_NAME] or "(empty name)"
+
+
 def parse_filters(raw: Mapping[str, Sequence[str]], *, ignore: Iterable[str] = ()) -> OrderFilters:
     """Validate filters given as name -> list of strings (a query string or a form).
 
@@ -162,7 +178,7 @@ def parse_filters(raw: Mapping[str, Sequence[str]], *, ignore: Iterable[str] = (
     skipped = set(ignore)
     for name in raw:
         if name not in FILTER_NAMES and name not in skipped:
-            raise ValidationError(name, "unknown filter")
+            raise ValidationError(_shown_name(name), "unknown filter")
 
     def values(name: str) -> list[str]:
         return [v for v in raw.get(name, ()) if not (name in _REPEATABLE and v == "")]
@@ -217,7 +233,7 @@ def parse_filter_object(raw: object) -> OrderFilters:
     lists: dict[str, list[str]] = {}
     for name, value in raw.items():
         if not isinstance(name, str) or name not in FILTER_NAMES:
-            raise ValidationError(str(name), "unknown filter")
+            raise ValidationError(_shown_name(str(name)), "unknown filter")
         if value is None:
             lists[name] = []
         elif name in _REPEATABLE:

@@ -16,7 +16,7 @@ from sqlalchemy import and_, exists, func, select, text, update
 from sqlalchemy.orm import Session
 
 from shared.errors import InvalidTransition
-from shared.models import ExportJob
+from shared.models import ExportJob, ExportTransition
 from shared.models import ExportState as S
 
 #: Allowed edges (the migration's trigger holds the same list).
@@ -120,6 +120,15 @@ def claim(
         error_code=None,
         error_message=None,
         error_class=None,
+    )
+
+
+def queued_since(session: Session, export_id: uuid.UUID) -> dt.datetime | None:
+    """When the job last entered ``queued`` (its history; a retry starts the wait over)."""
+    return session.scalar(
+        select(func.max(ExportTransition.at)).where(
+            ExportTransition.export_id == export_id, ExportTransition.to_state == S.QUEUED
+        )
     )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
+from shared import metrics
 from shared.errors import OrdersExportError, UndecodableEvent
 from shared.events import TOPIC_DEAD_LETTER, Event, decode
 from shared.settings import Settings
@@ -40,6 +41,8 @@ RETRY_BACKOFF_MAX_SECONDS = 10.0
 DELIVERY_WAIT_MARGIN_SECONDS = 5.0
 #: Header naming why a message was dead-lettered.
 DEAD_LETTER_ERROR_HEADER = "error"
+#: Label values of ``orders_export_consumer_messages_total{outcome}``.
+CONSUMER_OUTCOMES = ("handled", "failed", "dead_lettered")
 
 
 def producer_config(settings: Settings) -> dict[str, Any]:
@@ -104,7 +107,8 @@ class ConsumerLoop:
     Only a bad configuration makes :meth:`run` raise (at start); after that, errors are
     logged and the loop carries on until ``stop`` is set.
 
-    The counters ``handled``, ``failed`` and ``dead_lettered`` are for metrics.
+    The counters ``handled``, ``failed`` and ``dead_lettered`` are also exported as
+    ``orders_export_consumer_messages_total{group, outcome}``.
     """
 
     def __init__(
@@ -128,6 +132,7 @@ class ConsumerLoop:
         #: (topic, partition) -> offset of a failed message that must be retried first.
         self._retry_from: dict[tuple[str, int], int] = {}
         self._dead_letter_producer: Any = None
+        metrics.declare(metrics.CONSUMED, *((group_id, o) for o in CONSUMER_OUTCOMES))
 
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set, then close (which commits the stored offsets)."""
@@ -176,6 +181,7 @@ class ConsumerLoop:
         self._retry_from[where] = message.offset()
         self._consecutive_failures += 1
         self.failed += 1
+        metrics.CONSUMED.labels(self.group_id, "failed").inc()
         try:
             consumer.seek(TopicPartition(where[0], where[1], message.offset()))
         except Exception as exc:
@@ -204,6 +210,7 @@ class ConsumerLoop:
                 return False
             consumer.store_offsets(message=message)
             self.dead_lettered += 1
+            metrics.CONSUMED.labels(self.group_id, "dead_lettered").inc()
             log.warning(
                 "%s: undecodable message %s[%d]@%d moved to %s",
                 self.name,
@@ -227,6 +234,7 @@ class ConsumerLoop:
             return False
         consumer.store_offsets(message=message)
         self.handled += 1
+        metrics.CONSUMED.labels(self.group_id, "handled").inc()
         return True
 
     def _dead_letter(self, message: Any, *, reason: str) -> None:

@@ -43,6 +43,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared import metrics
 from shared.db import transaction
 from shared.errors import ConfigurationError, OrdersExportError
 from shared.events import TOPIC_LIFECYCLE, Event, ExportFailed, ExportReady
@@ -68,6 +69,8 @@ CONSUMER_GROUP = "orders-export-notifier"
 #: Notification kinds (the ``kind`` column).
 KIND_READY = "ready"
 KIND_FAILED = "failed"
+#: What became of a notification (label values of ``orders_export_notifications_total``).
+OUTCOMES = ("sent", "duplicate", "skipped", "failed")
 #: Timeout of every SMTP connect and command (seconds).
 SMTP_TIMEOUT_SECONDS = 10.0
 #: Ports used when SMTP_URL names none.
@@ -265,8 +268,16 @@ class Notifier:
         self.signing_keys = SigningKeys.from_settings(settings)
         domain = parseaddr(settings.smtp_from)[1].rpartition("@")[2]
         self.message_id_domain = domain or FALLBACK_MESSAGE_ID_DOMAIN
-        #: (kind, outcome) -> count; outcome is sent, duplicate, skipped or failed (metrics).
+        #: (kind, outcome) -> count; outcome is sent, duplicate, skipped or failed. Exported as
+        #: ``orders_export_notifications_total{kind, outcome}``.
         self.outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
+        metrics.declare(
+            metrics.NOTIFICATIONS, *((k, o) for k in (KIND_READY, KIND_FAILED) for o in OUTCOMES)
+        )
+
+    def _count(self, kind: str, outcome: str) -> None:
+        self.outcomes[(kind, outcome)] += 1
+        metrics.NOTIFICATIONS.labels(kind, outcome).inc()
 
     def consumer_loop(self) -> ConsumerLoop:
         """The Kafka consumer loop that feeds :meth:`handle`."""
@@ -304,7 +315,7 @@ class Notifier:
                 return
             failure = self._notify(session, facts, kind=kind, event_id=event.event_id)
         if failure is not None:
-            self.outcomes[(kind, "failed")] += 1
+            self._count(kind, "failed")
             raise NotificationFailed(failure)
 
     def _load(self, session: Session, export_id: uuid.UUID, expected: ExportState) -> _Facts | None:
@@ -340,13 +351,13 @@ class Notifier:
             .execution_options(populate_existing=True)
         ).one()
         if row.sent_at is not None or (row.last_error or "").startswith(SKIPPED_PREFIX):
-            self.outcomes[(kind, "duplicate")] += 1
+            self._count(kind, "duplicate")
             log.info("notifier: %s email for export %s already handled", kind, job.id)
             return None
         skip_reason = self._skip_reason(session, facts, kind=kind)
         if skip_reason is not None:
             row.last_error = SKIPPED_PREFIX + skip_reason
-            self.outcomes[(kind, "skipped")] += 1
+            self._count(kind, "skipped")
             log.info("notifier: %s email for export %s skipped: %s", kind, job.id, skip_reason)
             return None
         message = self.compose(facts, kind=kind)
@@ -358,7 +369,7 @@ class Notifier:
             refused = _permanently_refused(exc)
             if refused is not None:
                 row.last_error = SKIPPED_PREFIX + f"mail server refused the recipient ({refused})"
-                self.outcomes[(kind, "skipped")] += 1
+                self._count(kind, "skipped")
                 log.warning("notifier: %s email for export %s refused", kind, job.id)
                 return None
             code = getattr(exc, "smtp_code", None)
@@ -377,7 +388,7 @@ class Notifier:
         # a crash would make a redelivered event send it again (see the module docstring).
         row.sent_at = self.clock()
         row.last_error = None
-        self.outcomes[(kind, "sent")] += 1
+        self._count(kind, "sent")
         log.info("notifier: %s email for export %s sent", kind, job.id)
         return None
 

@@ -24,6 +24,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared import metrics
 from shared.db import libpq_url, transaction
 from shared.events import Event
 from shared.kafka import PRODUCER_MESSAGE_TIMEOUT_MS, producer_config, retry_delay
@@ -57,6 +58,16 @@ def pending_count(session: Session) -> int:
         select(func.count()).select_from(OutboxMessage).where(OutboxMessage.published_at.is_(None))
     )
     return int(count or 0)
+
+
+def oldest_pending_at(session: Session) -> dt.datetime | None:
+    """When the oldest unpublished row was written (None when there is none)."""
+    return session.scalar(
+        select(OutboxMessage.created_at)
+        .where(OutboxMessage.published_at.is_(None))
+        .order_by(OutboxMessage.id)
+        .limit(1)
+    )
 
 
 def _short(text: str) -> str:
@@ -240,6 +251,8 @@ class OutboxRelay:
             self._producer = None
         self.published += published
         self.failed += failed
+        metrics.OUTBOX_PUBLISHED.inc(published)
+        metrics.OUTBOX_DELIVERY_FAILURES.inc(failed)
         if failed:
             log.warning("outbox relay: %d of %d messages not delivered", failed, len(rows))
         return published, failed

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from psycopg import errors as pg_errors
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import jobs, outbox
+from shared import jobs, metrics, outbox
 from shared.csvfile import CopyStream, CsvFile, ExportQuery, Throttled
 from shared.db import libpq_url, transaction
 from shared.errors import StorageError, TooManyRows
@@ -48,6 +49,10 @@ class Outcome(enum.Enum):
     BUSY = "busy"  # another export of the account is running; try again shortly
     PAUSED = "paused"  # workers_paused is on
     SKIPPED = "skipped"  # not queued any more (done, canceled, or claimed by someone else)
+
+
+#: Outcomes of a run that got as far as a claim (label values of the duration histogram).
+RUN_OUTCOMES = (Outcome.READY, Outcome.FAILED, Outcome.RETRY, Outcome.CANCELED)
 
 
 @dataclass(frozen=True)
@@ -165,6 +170,7 @@ class ExportRunner:
         self._storage = storage
         self._flags = flags
         self._export_database_url = libpq_url(settings.export_database_url or settings.database_url)
+        metrics.declare(metrics.JOB_DURATION, *((outcome.value,) for outcome in RUN_OUTCOMES))
 
     def run(self, export_id: uuid.UUID, *, inline: bool = False) -> Result:
         """One attempt at the export. ``inline`` exports skip the queue rules and the email."""
@@ -182,12 +188,20 @@ class ExportRunner:
             if job is None:
                 state = session.scalar(select(ExportJob.state).where(ExportJob.id == export_id))
                 return Result(Outcome.BUSY if state is ExportState.QUEUED else Outcome.SKIPPED)
+            queued_since = None if inline else jobs.queued_since(session, job.id)
             account = session.get_one(Account, job.account_id)
             outbox.add(
                 session,
                 ExportStarted(export_id=str(job.id), account=account.slug, attempt=job.attempts),
             )
-        return self._generate(job, account, worker_id=worker_id, inline=inline)
+        if inline:  # made inside a request: no queue, and not a worker's run
+            return self._generate(job, account, worker_id=worker_id, inline=inline)
+        if queued_since is not None and job.heartbeat_at is not None:  # both PostgreSQL's clock
+            metrics.QUEUE_WAIT.observe(max(0.0, (job.heartbeat_at - queued_since).total_seconds()))
+        started = time.monotonic()
+        result = self._generate(job, account, worker_id=worker_id, inline=inline)
+        metrics.JOB_DURATION.labels(result.outcome.value).observe(time.monotonic() - started)
+        return result
 
     def _generate(
         self, job: ExportJob, account: Account, *, worker_id: str, inline: bool
@@ -301,6 +315,8 @@ class ExportRunner:
         if done is None:  # canceled or rescued while we were finishing
             self._discard(key)
             return Result(Outcome.CANCELED)
+        metrics.ROWS.inc(csv_file.row_count)
+        metrics.BYTES.inc(csv_file.size_bytes)
         return Result(Outcome.READY)
 
     def _fail(
@@ -350,7 +366,9 @@ class ExportRunner:
                     final=not retry,
                 ),
             )
+        metrics.FAILURES.labels(error.code).inc()
         if retry:
+            metrics.RETRIES.inc()
             delay = self._settings.export_retry_backoff_seconds * 2 ** (job.attempts - 1)
             return Result(Outcome.RETRY, delay_seconds=delay)
         return Result(Outcome.FAILED)

@@ -67,6 +67,16 @@ class Settings(BaseSettings):
     #: Sender of notification emails.
     smtp_from: str = "Orders export <no-reply@orders-export.invalid>"
 
+    #: Port of the Prometheus endpoint of the relay, worker and notifier (0 = none; the API
+    #: serves ``/metrics`` on its own port). Each process needs its own.
+    metrics_port: int = Field(0, ge=0, le=65535)
+    #: Address that endpoint binds to (``0.0.0.0`` inside a container).
+    metrics_host: str = "127.0.0.1"
+    #: prometheus_client's multiprocess directory: one per service, empty when it starts. It is
+    #: read by prometheus_client itself when first imported, so it must be in the environment
+    #: before the process starts (unset: metrics live in the process, as in tests).
+    prometheus_multiproc_dir: str | None = None
+
     #: Send the session cookie only over HTTPS (turn on behind TLS).
     session_cookie_secure: bool = False
     #: Failed logins per email within ``login_throttle_window_seconds`` before refusing.

@@ -15,9 +15,10 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from services.api import exports, health, login, report
+from services.api import exports, health, login, openapi, pages, report
 from services.api.errors import handle_domain_error, handle_http_exception
 from services.api.middleware import SecurityHeadersMiddleware
+from shared import downloads
 from shared.db import make_engine, make_sessionmaker
 from shared.errors import OrdersExportError
 from shared.flags import FlagCache
@@ -34,6 +35,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     """Build the app; reads the environment only when no settings are given."""
     settings = settings or load_settings()
     engine = make_engine(settings.database_url)
+    downloads.declare_metrics()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -48,6 +50,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/healthz", health.healthz),
         Route("/readyz", health.readyz),
         Route("/metrics", health.metrics),
+        Route("/openapi.json", openapi.openapi_json),
         Route("/accounts/{slug}/orders", report.orders_page, name="orders_page"),
         Route("/api/v1/accounts/{slug}/orders", report.orders_api),
         Route("/api/v1/accounts/{slug}/order-exports", exports.create_export, methods=["POST"]),
@@ -56,6 +59,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/api/v1/order-exports/{export_id}/retry", exports.retry_export, methods=["POST"]),
         Route("/api/v1/order-exports/{export_id}/cancel", exports.cancel_export, methods=["POST"]),
         Route("/exports/{export_id}/download", exports.download, methods=["GET"]),
+        Route("/accounts/{slug}/exports", pages.request_export, methods=["POST"]),
+        Route("/exports/{export_id}", pages.export_page, methods=["GET"], name="export_page"),
+        Route("/exports/{export_id}/retry", pages.retry_export, methods=["POST"]),
+        Route("/exports/{export_id}/cancel", pages.cancel_export, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     middleware = [

@@ -14,11 +14,19 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from services.api import exportviews
 from services.api.auth import Caller, login_redirect, require_caller
 from services.api.errors import wants_html
 from shared import downloads, exports
 from shared.db import transaction
-from shared.errors import OrdersExportError, Unauthenticated, ValidationError
+from shared.errors import (
+    BadSignature,
+    FileExpired,
+    LinkExpired,
+    OrdersExportError,
+    Unauthenticated,
+    ValidationError,
+)
 from shared.models import Account, ExportJob
 from shared.runner import ExportRunner, Outcome
 from shared.signing import SigningKeys
@@ -80,13 +88,29 @@ async def _json_body(request: Request) -> object:
         raise ValidationError("body", "invalid JSON") from None
 
 
-def _create(
-    request: Request, body: object, idempotency_key: str | None
-) -> tuple[dict[str, Any], int]:
+@dataclass(frozen=True)
+class Created:
+    """An export request's outcome: the export and the HTTP status that tells what happened."""
+
+    job: ExportJob
+    account: Account
+    caller: Caller
+    #: 200 an identical export already in flight, 201 made in the request, 202 queued.
+    status: int
+
+
+def create(
+    request: Request,
+    body: object,
+    idempotency_key: str | None,
+    *,
+    submitted_csrf: str | None = None,
+) -> Created:
+    """Record an export request (and make a small one right away); used by the API and the form."""
     app = request.app
     with app.state.sessions() as session:
         with session.begin():
-            caller = require_caller(request, session)
+            caller = require_caller(request, session, submitted_csrf=submitted_csrf)
             requested = exports.request_export(
                 session,
                 settings=app.state.settings,
@@ -98,7 +122,7 @@ def _create(
             )
             job_id, account = requested.job.id, session.get_one(Account, requested.job.account_id)
         if requested.disposition == "existing":
-            return {"export": _export_body(request, requested.job, account, caller)}, 200
+            return Created(requested.job, account, caller, 200)
         status = 202
         if requested.inline:
             result = runner_of(app).run(job_id, inline=True)
@@ -111,7 +135,15 @@ def _create(
             else:
                 status = 201
         job = session.get_one(ExportJob, job_id, populate_existing=True)
-        return {"export": _export_body(request, job, account, caller)}, status
+        return Created(job, account, caller, status)
+
+
+def _create(
+    request: Request, body: object, idempotency_key: str | None
+) -> tuple[dict[str, Any], int]:
+    created = create(request, body, idempotency_key)
+    export = _export_body(request, created.job, created.account, created.caller)
+    return {"export": export}, created.status
 
 
 async def create_export(request: Request) -> Response:
@@ -143,10 +175,13 @@ async def get_export(request: Request) -> Response:
     return JSONResponse(await run_in_threadpool(_detail, request))
 
 
-def _act(request: Request, action: str) -> dict[str, Any]:
+def act(
+    request: Request, action: str, *, submitted_csrf: str | None = None
+) -> tuple[ExportJob, Account, Caller]:
+    """Retry or cancel the export of the path; used by the API and the form."""
     app = request.app
     with app.state.sessions() as session, session.begin():
-        caller = require_caller(request, session)
+        caller = require_caller(request, session, submitted_csrf=submitted_csrf)
         export_id = request.path_params["export_id"]
         if action == "retry":
             job = exports.retry(
@@ -158,8 +193,12 @@ def _act(request: Request, action: str) -> dict[str, Any]:
             )
         else:
             job = exports.cancel(session, export_id=export_id, user=caller.user)
-        account = session.get_one(Account, job.account_id)
-        return {"export": _export_body(request, job, account, caller)}
+        return job, session.get_one(Account, job.account_id), caller
+
+
+def _act(request: Request, action: str) -> dict[str, Any]:
+    job, account, caller = act(request, action)
+    return {"export": _export_body(request, job, account, caller)}
 
 
 async def retry_export(request: Request) -> Response:
@@ -217,6 +256,10 @@ async def download(request: Request) -> Response:
     except Unauthenticated:
         if wants_html(request):
             return login_redirect(request)
+        raise
+    except (LinkExpired, FileExpired, BadSignature) as exc:
+        if wants_html(request):  # a browser lands on the export's page, with a fresh link
+            return await run_in_threadpool(exportviews.landing, request, exc)
         raise
     chunks: Iterator[bytes] = await run_in_threadpool(storage_of(request.app).open, file.key)
     headers = {

@@ -8,6 +8,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from shared.metrics import exposition_registry
+
 
 async def healthz(request: Request) -> Response:
     """The process is up and serving."""
@@ -34,4 +36,7 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    """The request-side metrics (downloads, exports made inside requests); with several uvicorn
+    workers sharing PROMETHEUS_MULTIPROC_DIR, every worker answers with the sum of all."""
+    registry = exposition_registry(request.app.state.settings)
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -12,6 +12,7 @@ import sys
 import threading
 from types import FrameType
 
+from shared import metrics
 from shared.db import make_engine, make_sessionmaker
 from shared.errors import ConfigurationError
 from shared.outbox import OutboxRelay
@@ -41,6 +42,7 @@ def main() -> int:
     try:
         settings = load_settings()
         settings.require("kafka_bootstrap_servers")
+        metrics_server = metrics.serve(settings)
     except ConfigurationError as exc:
         print(f"outbox relay: {exc.message}", file=sys.stderr)
         return EXIT_CONFIGURATION
@@ -52,6 +54,8 @@ def main() -> int:
         OutboxRelay(settings=settings, sessions=make_sessionmaker(engine)).run(stop)
     finally:
         engine.dispose()
+        if metrics_server is not None:
+            metrics_server.stop()
     return 0
 
 

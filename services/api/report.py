@@ -9,11 +9,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from services.api import exportviews
 from services.api.auth import Caller, csrf_token, identify, login_redirect, require_caller
 from shared.access import account_for, accounts_of
 from shared.columns import COLUMNS, Kind
 from shared.errors import ValidationError
-from shared.filters import SORTS, OrderFilters, parse_filters
+from shared.filters import SORT_LABELS, SORTS, OrderFilters, parse_filters
 from shared.models import ORDER_CHANNELS, ORDER_STATUSES, Account, Role
 from shared.report import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, ReportPage, column_headers, fetch_page
 
@@ -106,8 +107,11 @@ def _page_context(
         "statuses": ORDER_STATUSES,
         "channels": ORDER_CHANNELS,
         "sorts": list(SORTS),
+        "sort_labels": SORT_LABELS,
         "csrf": csrf_token(request),
     }
+    with request.app.state.sessions() as session:  # the export button and the Exports panel
+        context.update(exportviews.panel_context(request, session, caller, account, role, filters))
     return context, 422 if error else 200
 
 
@@ -124,7 +128,13 @@ async def orders_page(request: Request) -> Response:
         _page_context, request, caller, request.path_params["slug"], _raw_params(request)
     )
     templates = request.app.state.templates
-    return templates.TemplateResponse(request, "orders.html", context, status_code=status)  # type: ignore[no-any-return]
+    return templates.TemplateResponse(  # type: ignore[no-any-return]
+        request,
+        "orders.html",
+        context,
+        status_code=status,
+        headers={"Cache-Control": "no-store"},  # the Exports panel holds signed links
+    )
 
 
 def _home(request: Request, caller: Caller) -> list[tuple[Account, Role]]:

@@ -12,6 +12,7 @@ import sys
 import threading
 from types import FrameType
 
+from shared import metrics
 from shared.db import make_engine, make_sessionmaker
 from shared.errors import ConfigurationError
 from shared.notifications import Notifier
@@ -43,6 +44,7 @@ def main() -> int:
         settings.require("kafka_bootstrap_servers")
         engine = make_engine(settings.database_url, pool_size=POOL_SIZE)
         notifier = Notifier(settings=settings, sessions=make_sessionmaker(engine))
+        metrics_server = metrics.serve(settings)
     except ConfigurationError as exc:
         print(f"notifier: {exc.message}", file=sys.stderr)
         return EXIT_CONFIGURATION
@@ -53,4 +55,6 @@ def main() -> int:
         notifier.consumer_loop().run(stop)
     finally:
         engine.dispose()
+        if metrics_server is not None:
+            metrics_server.stop()
     return 0

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 import uuid
 from dataclasses import dataclass
 
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import jobs
@@ -27,12 +31,32 @@ BUSY_DELAY_MS = 2_000
 PAUSED_DELAY_MS = 5_000
 #: Longest one export may run before Dramatiq interrupts it (milliseconds, 4 hours).
 TIME_LIMIT_MS = 4 * 3600 * 1000
+#: Tries at sending a job's next work message while Redis is away, and the first pause between
+#: them (seconds, doubling: 0.5 + 1 + 2); after that, housekeeping sends it again.
+RESEND_ATTEMPTS = 4
+RESEND_PAUSE_SECONDS = 0.5
 
 
 def make_broker(settings: Settings) -> RedisBroker:
     broker = RedisBroker(url=settings.require("redis_url"))  # type: ignore[no-untyped-call]
     dramatiq.set_broker(broker)
     return broker
+
+
+def add_prometheus_middleware(broker: RedisBroker, *, multiproc_dir: str) -> None:
+    """Dramatiq's own metrics (``dramatiq_*``), served by the worker's METRICS_PORT.
+
+    The middleware writes prometheus_client multiprocess files into the directory named by
+    ``dramatiq_prom_db`` when its module is imported: we point it at the worker's own
+    PROMETHEUS_MULTIPROC_DIR, so one endpoint serves both. Its own HTTP server is a "fork" that
+    only the ``dramatiq`` command line starts; this worker runs ``Worker`` in-process, so there
+    is no second server (and no port 9191) to take care of. Its metrics are created on the
+    ``process_boot`` event, which the worker emits.
+    """
+    os.environ["dramatiq_prom_db"] = multiproc_dir  # noqa: SIM112 - dramatiq's spelling
+    from dramatiq.middleware.prometheus import Prometheus
+
+    broker.add_middleware(Prometheus())
 
 
 @dataclass(frozen=True)
@@ -64,7 +88,7 @@ def declare_actors(
             # Still queued: come back later (Dramatiq holds the delayed message in Redis).
             with transaction(sessions) as session:
                 jobs.mark_enqueued(session, [uuid.UUID(export_id)])
-            actors.send_generate(export_id, delay_ms=delay_ms)
+            _send_later(actors, export_id, delay_ms=delay_ms)
 
     actor = dramatiq.actor(
         actor_name=GENERATE_CSV,
@@ -75,3 +99,25 @@ def declare_actors(
     )(generate_csv)
     actors = Actors(generate_csv=actor)
     return actors
+
+
+def _send_later(actors: Actors, export_id: str, *, delay_ms: int) -> None:
+    """Send the still-queued job's next work message, riding out a short Redis outage.
+
+    Raising here would only dead-letter the message being processed; the job would still wait
+    for housekeeping. So: a few tries, then leave it to housekeeping, which sends work again for
+    jobs queued longer than EXPORT_REQUEUE_AFTER_SECONDS (counted from ``mark_enqueued``).
+    """
+    for attempt in range(1, RESEND_ATTEMPTS + 1):
+        try:
+            actors.send_generate(export_id, delay_ms=delay_ms)
+            return
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            if attempt == RESEND_ATTEMPTS:
+                log.warning(
+                    "export %s: next work message not sent (%s); housekeeping will send it",
+                    export_id,
+                    type(exc).__name__,
+                )
+                return
+            time.sleep(RESEND_PAUSE_SECONDS * 2 ** (attempt - 1))

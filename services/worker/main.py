@@ -10,13 +10,23 @@ import threading
 from types import FrameType
 
 from dramatiq import Worker
+from dramatiq.common import dq_name
 
-from services.worker.actors import EXPORTS_QUEUE, declare_actors, make_broker
-from services.worker.bridge import make_bridge
+from services.worker.actors import (
+    EXPORTS_QUEUE,
+    add_prometheus_middleware,
+    declare_actors,
+    make_broker,
+)
+from services.worker.bridge import GROUP_ID, make_bridge
 from services.worker.maintenance import Maintenance
+from shared import metrics
+from shared.backlog import BacklogMonitor
 from shared.db import make_engine, make_sessionmaker
 from shared.errors import ConfigurationError
+from shared.events import TOPIC_LIFECYCLE, TOPIC_REQUESTED
 from shared.flags import FlagCache
+from shared.notifications import CONSUMER_GROUP as NOTIFIER_GROUP
 from shared.runner import ExportRunner
 from shared.settings import load_settings
 from shared.storage import storage_from_url
@@ -50,7 +60,28 @@ def main() -> int:
         settings=settings, sessions=sessions, storage=storage, flags=FlagCache(sessions)
     )
     broker = make_broker(settings)
+    if settings.prometheus_multiproc_dir:
+        add_prometheus_middleware(broker, multiproc_dir=settings.prometheus_multiproc_dir)
+    else:
+        log.info("worker: no PROMETHEUS_MULTIPROC_DIR, so no Dramatiq metrics (in-process mode)")
     actors = declare_actors(broker, runner=runner, sessions=sessions)
+    broker.emit_after("process_boot")  # as the dramatiq command line does in a worker process
+    # This process owns the backlog gauges (jobs per state, queue depth, outbox, consumer lag).
+    monitor = BacklogMonitor(
+        settings=settings,
+        sessions=sessions,
+        redis_client=broker.client,
+        namespace=broker.namespace,
+        queues=(EXPORTS_QUEUE, dq_name(EXPORTS_QUEUE)),
+        consumer_groups={GROUP_ID: (TOPIC_REQUESTED,), NOTIFIER_GROUP: (TOPIC_LIFECYCLE,)},
+    )
+    try:
+        metrics_server = metrics.serve(settings, metrics.BacklogCollector(monitor.snapshot))
+    except ConfigurationError as exc:
+        print(f"worker: {exc.message}", file=sys.stderr)
+        broker.close()
+        engine.dispose()
+        return 2
 
     stop = threading.Event()
 
@@ -74,6 +105,7 @@ def main() -> int:
     threads = [
         threading.Thread(target=bridge.run, args=(stop,), name="kafka-bridge", daemon=True),
         threading.Thread(target=maintenance.run, args=(stop,), name="maintenance", daemon=True),
+        threading.Thread(target=monitor.run, args=(stop,), name="backlog-monitor", daemon=True),
     ]
     for thread in threads:
         thread.start()
@@ -82,6 +114,8 @@ def main() -> int:
     for thread in threads:
         thread.join(timeout=15)
     worker.stop(timeout=SHUTDOWN_TIMEOUT_MS)
+    if metrics_server is not None:
+        metrics_server.stop()
     broker.close()
     engine.dispose()
     log.info("worker: stopped")

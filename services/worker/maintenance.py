@@ -10,7 +10,7 @@ from sqlalchemy import func
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.worker.actors import Actors
-from shared import jobs, outbox
+from shared import jobs, metrics, outbox
 from shared.db import transaction
 from shared.errors import StorageError
 from shared.events import ExportExpired, ExportFailed
@@ -57,6 +57,7 @@ class Maintenance:
     def rescue(self) -> int:
         """Running jobs whose lease expired go back to the queue, or fail when out of attempts."""
         requeue: list[uuid.UUID] = []
+        lost = 0
         with transaction(self._sessions) as session:
             for job in jobs.lease_expired(session):
                 retry = job.attempts < job.max_attempts
@@ -77,6 +78,7 @@ class Maintenance:
                 )
                 if moved is None:
                     continue
+                lost += 1
                 account = session.get_one(Account, job.account_id)
                 outbox.add(
                     session,
@@ -87,6 +89,9 @@ class Maintenance:
                 )  # fmt: skip
                 if retry:
                     requeue.append(job.id)
+        if lost:
+            metrics.FAILURES.labels(WORKER_LOST[0]).inc(lost)
+            metrics.RETRIES.inc(len(requeue))
         for export_id in requeue:
             log.warning("export %s: worker lost, back in the queue", export_id)
             self._actors.send_generate(str(export_id))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,13 @@ class StackLayout:
     def stack_file(self) -> Path:
         """``stack.json``: how other processes join the running stack."""
         return self.data_dir / "stack.json"
+
+    def fresh_metrics_dir(self, service: str) -> Path:
+        """An empty PROMETHEUS_MULTIPROC_DIR for ``service`` (files of an earlier run go)."""
+        path = self.run_dir / "metrics" / service
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        return path
 
     def pid_file(self, name: str) -> Path:
         return self.run_dir / f"{name}.pid"

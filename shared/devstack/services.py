@@ -9,11 +9,14 @@ from dataclasses import dataclass
 @dataclass(frozen=True, kw_only=True)
 class ServiceSpec:
     """A service run as ``python -m <args>``; ``{host}`` and ``{port}`` in ``args`` are the
-    API's address. With ``health_path`` the stack waits for HTTP 200 there before going on."""
+    API's address. With ``health_path`` the stack waits for HTTP 200 there before going on.
+    ``metrics_port``: the service gets a METRICS_PORT of its own (the API serves ``/metrics``
+    on its HTTP port)."""
 
     name: str
     args: tuple[str, ...]
     health_path: str | None = None
+    metrics_port: bool = False
 
     def argv(self, *, host: str, port: int) -> list[str]:
         """The command line for this service."""
@@ -28,7 +31,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
               "--port", "{port}", "--no-access-log"),
         health_path="/healthz",
     ),
-    ServiceSpec(name="relay", args=("services.api.relay",)),
-    ServiceSpec(name="worker", args=("services.worker",)),
-    ServiceSpec(name="notifier", args=("services.notifier",)),
+    ServiceSpec(name="relay", args=("services.api.relay",), metrics_port=True),
+    ServiceSpec(name="worker", args=("services.worker",), metrics_port=True),
+    ServiceSpec(name="notifier", args=("services.notifier",), metrics_port=True),
 )  # fmt: skip

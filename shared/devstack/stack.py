@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -59,6 +60,11 @@ SMTP_URL = "SMTP_URL"
 STORAGE_URL = "STORAGE_URL"
 SECRET_KEY = "SECRET_KEY"  # noqa: S105 - the variable's name, not a secret
 PUBLIC_URL = "PUBLIC_URL"
+METRICS_PORT = "METRICS_PORT"
+METRICS_HOST = "METRICS_HOST"
+PROMETHEUS_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+#: Settings that differ per service: given to each child, never shared through stack.json.
+PER_SERVICE = frozenset({METRICS_PORT, METRICS_HOST, PROMETHEUS_MULTIPROC_DIR})
 
 
 class _Stoppable(Protocol):
@@ -87,6 +93,8 @@ class Stack:
         self.demo_orders = demo_orders
         self.services = tuple(services)
         self.env: dict[str, str] = {}
+        #: Service name -> URL of its Prometheus endpoint.
+        self.metrics: dict[str, str] = {}
         self.api_url = ""
         self._postgres: EmbeddedPostgres | None = None
         self._started: list[tuple[str, _Stoppable]] = []
@@ -129,7 +137,7 @@ class Stack:
         port = self.port or free_port(self.host)
         self.api_url = f"http://{_url_host(self.host)}:{port}"
         env[PUBLIC_URL] = self._external(PUBLIC_URL) or self.api_url
-        env.update(_settings_from_environment(exclude=env))
+        env.update(_settings_from_environment(exclude=env.keys() | PER_SERVICE))
         with self._step("migrations"):
             migrate.upgrade(env[DATABASE_URL])
         self._check_stop()
@@ -145,7 +153,12 @@ class Stack:
 
     def description(self) -> dict[str, object]:
         """The content of ``stack.json``."""
-        return {"api_url": self.api_url, "mail_dir": str(self.layout.mail_dir), "env": self.env}
+        return {
+            "api_url": self.api_url,
+            "mail_dir": str(self.layout.mail_dir),
+            "env": self.env,
+            "metrics": self.metrics,
+        }
 
     def _external(self, name: str) -> str | None:
         value = os.environ.get(name)
@@ -209,11 +222,25 @@ class Stack:
         )
         return self._start_piece("mailsink", sink, sink.start)
 
+    def _service_env(self, spec: ServiceSpec) -> dict[str, str]:
+        """The shared environment plus the service's own metrics settings."""
+        env = {**os.environ, **self.env}
+        env[PROMETHEUS_MULTIPROC_DIR] = str(self.layout.fresh_metrics_dir(spec.name))
+        if spec.metrics_port:
+            metrics_port = free_port(self.host)
+            env[METRICS_PORT] = str(metrics_port)
+            env[METRICS_HOST] = self.host
+            self.metrics[spec.name] = f"http://{_url_host(self.host)}:{metrics_port}/metrics"
+        else:
+            env.pop(METRICS_PORT, None)
+            self.metrics[spec.name] = f"{self.api_url}/metrics"
+        return env
+
     def _start_service(self, spec: ServiceSpec, *, port: int) -> None:
         child = ChildProcess(
             name=spec.name,
             argv=spec.argv(host=self.host, port=port),
-            env=python_env({**os.environ, **self.env}),
+            env=python_env(self._service_env(spec)),
             pid_file=self.layout.pid_file(spec.name),
         )
         self._started.append((spec.name, child))
@@ -279,7 +306,7 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def _settings_from_environment(*, exclude: dict[str, str]) -> dict[str, str]:
+def _settings_from_environment(*, exclude: AbstractSet[str]) -> dict[str, str]:
     """Other settings set in our environment (``EXPORT_*`` etc.), passed on in ``stack.json``."""
     names = (name.upper() for name in Settings.model_fields)
     return {name: os.environ[name] for name in names if name in os.environ and name not in exclude}

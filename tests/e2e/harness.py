@@ -10,6 +10,7 @@ import email
 import email.policy
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -56,6 +57,8 @@ FAST_FAILURE_ENV = {
     "KAFKA_SESSION_TIMEOUT_MS": "6000",
 }
 S3_KEYS = ("stack-access", "stack-secret-key-0123456789")
+#: Services with a Prometheus endpoint of their own (the API serves /metrics on its port).
+METRICS_SERVICES = ("relay", "worker", "notifier")
 
 
 def wait_for(check: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.1) -> Any:
@@ -84,12 +87,18 @@ class LiveStack:
         self.s3: ThreadedMotoServer | None = None
         self.s3_port = free_port()
         self.api_port = free_port()
+        #: Service -> its METRICS_PORT (kept across restarts, so Prometheus keeps scraping it).
+        self.metrics_ports = {name: free_port() for name in METRICS_SERVICES}
         self.env: dict[str, str] = {}
         self.services: dict[str, ChildProcess] = {}
 
     @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
+
+    def metrics_url(self, name: str) -> str:
+        port = self.api_port if name == "api" else self.metrics_ports[name]
+        return f"http://127.0.0.1:{port}/metrics"
 
     @property
     def database_url(self) -> str:
@@ -147,11 +156,21 @@ class LiveStack:
 
     def start_service(self, name: str) -> ChildProcess:
         args = SERVICES[name] + (("--port", str(self.api_port)) if name == "api" else ())
-        env = python_env({**os.environ, **self.env})
+        env = python_env({**os.environ, **self.env, **self._metrics_env(name)})
         child = ChildProcess(name=name, argv=[sys.executable, "-m", *args], env=env)
         child.start()
         self.services[name] = child
         return child
+
+    def _metrics_env(self, name: str) -> dict[str, str]:
+        """An empty multiprocess directory per start, and the service's metrics port."""
+        directory = self.root / "metrics" / name
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        env = {"PROMETHEUS_MULTIPROC_DIR": str(directory)}
+        if name in self.metrics_ports:
+            env["METRICS_PORT"] = str(self.metrics_ports[name])
+        return env
 
     def kill_service(self, name: str, signum: int = signal.SIGKILL) -> None:
         child = self.services[name]

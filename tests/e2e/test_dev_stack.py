@@ -149,6 +149,20 @@ def read_stack(data_dir: Path) -> tuple[str, dict[str, str]]:
     return stack["api_url"], stack["env"]
 
 
+def wait_for_text(url: str, expected: str, timeout: float = 20.0) -> bool:
+    """True once GET ``url`` answers 200 with ``expected`` in its body."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            response = httpx2.get(url, timeout=2, trust_env=False)
+            if response.status_code == 200 and expected in response.text:
+                return True
+        except httpx2.HTTPError:
+            pass
+        time.sleep(0.25)
+    return False
+
+
 def order_count(env: dict[str, str]) -> int:
     with psycopg.connect(env["DATABASE_URL"]) as connection:
         row = connection.execute(
@@ -188,6 +202,14 @@ def test_dev_runs_the_stack_stops_cleanly_and_keeps_data(
     stack_url, env = read_stack(data_dir)
     assert stack_url == api_url
     assert env["PUBLIC_URL"] == api_url
+    # And where each service serves its metrics (the worker's include the backlog gauges)
+    metrics = json.loads((data_dir / "stack.json").read_text())["metrics"]
+    assert set(metrics) == {"api", "relay", "worker", "notifier"}
+    assert metrics["api"] == f"{api_url}/metrics" and len(set(metrics.values())) == 4
+    assert not set(env) & {"METRICS_PORT", "PROMETHEUS_MULTIPROC_DIR"}  # per service only
+    for name, url in metrics.items():
+        expected = 'orders_export_jobs{state="queued"}' if name == "worker" else "orders_export_"
+        assert wait_for_text(url, expected), f"{name}: no {expected} at {url}"
 
     # When the CLI creates a token with that environment
     created = subprocess.run(

@@ -1,0 +1,314 @@
+"""How exports look in the web pages: the Exports panel, the export's page, and their wording.
+
+The templates render the API's ``<Export>`` objects (``shared.exports.to_json``), and
+``static/exports.js`` re-renders the same objects from the JSON API while work is in flight. The
+words both need are defined here once and handed to the script as JSON (:attr:`ExportUi.config`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+from zoneinfo import ZoneInfo
+
+from sqlalchemy.orm import Session
+from starlette.requests import Request
+from starlette.responses import Response
+
+from services.api.auth import Caller, csrf_token, identify
+from services.api.errors import status_for
+from shared import exports
+from shared.errors import NotFound, OrdersExportError, Unauthenticated
+from shared.filters import DEFAULT_SORT, SORT_LABELS, OrderFilters, from_snapshot
+from shared.models import Account, ExportJob, Role
+
+#: Exports listed in the report page's panel, newest first (count).
+PANEL_SIZE = 8
+#: How often the script polls while an export is queued or running (milliseconds).
+ACTIVE_POLL_MS = 1000
+#: How often it polls otherwise, to show exports started elsewhere (milliseconds).
+IDLE_POLL_MS = 10_000
+#: Session key of the one-shot message shown after a form redirects back.
+FLASH_KEY = "flash"
+
+#: The name of each state: a state is never told by colour alone.
+STATE_LABELS = {
+    "queued": "Queued",
+    "running": "Running",
+    "ready": "Ready",
+    "failed": "Failed",
+    "canceled": "Canceled",
+    "expired": "Expired",
+}
+#: Error codes that the user fixes by asking for fewer rows.
+NARROW_CODES = frozenset({"query_timeout", "too_many_rows"})
+#: What a failed export tells the user to do, by who can fix it.
+HINTS = {
+    "retry": "The automatic retries are used up. This is usually a temporary problem on our "
+    "side: retry the export.",
+    "narrow": "Narrow the filters (for example a shorter date range) and export again.",
+    "support": "Retrying will not help: contact support and quote export {id}.",
+}
+#: What the user is told after asking for an export, by the request's HTTP status.
+REQUESTED = {
+    200: "An identical export of yours is already in progress; it is shown in the Exports panel.",
+    201: "Your export is ready: download it from the Exports panel.",
+    202: "Export requested. It runs in the background: follow it in the Exports panel; "
+    "we also email you when it is ready.",
+}
+#: What the buttons say (and what the script says while it waits).
+MESSAGES = {
+    "requesting": "Requesting the export…",
+    "working": "Working…",
+    "canceled": "Export canceled.",
+    "retried": "Export queued again.",
+    "session_ended": "Your session has ended. Reload the page to log in again.",
+    "offline": "Could not reach the server; the list will update when it is back.",
+}
+#: Why exports cannot be requested right now (the ``exports_enabled`` switch is off).
+DISABLED = "Exports are switched off for now. Files that are already made stay downloadable."
+#: The notice on the export's page when a download link could not be used, by error code.
+LANDING = {
+    "link_expired": "This download link has expired.",
+    "file_expired": "This export's file has expired and was deleted.",
+    "bad_signature": "This download link is not valid for you: it was made for someone else "
+    "or has been changed.",
+}
+#: How the notice goes on, by the export's state now.
+LANDING_NEXT = {
+    "ready": "Use the fresh download link below; it is made for you.",
+    "expired": "Export the same filters again for a fresh file.",
+}
+
+#: Decimal units of file sizes.
+_SIZE_UNITS = ("bytes", "kB", "MB", "GB", "TB")
+
+
+def file_size(size: int | None) -> str:
+    """``3.5 MB`` (decimal units, like the script's)."""
+    if size is None:
+        return "?"
+    value, unit = float(size), 0
+    while value >= 1000 and unit < len(_SIZE_UNITS) - 1:
+        value, unit = value / 1000, unit + 1
+    return f"{size} bytes" if unit == 0 else f"{value:.1f} {_SIZE_UNITS[unit]}"
+
+
+def duration(seconds: float) -> str:
+    """``12 s``, ``4 min``, ``2 h`` (rounded down)."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min"
+    return f"{seconds // 3600} h"
+
+
+@dataclass(frozen=True)
+class ExportUi:
+    """Formatting and wording for the export templates, and the script's configuration."""
+
+    csrf: str
+    timezone: str
+    #: Where the no-JavaScript forms come back to.
+    next: str
+    enabled: bool
+    #: JSON endpoint the script polls (the account's list, or one export).
+    poll_url: str
+    extra: dict[str, Any] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=lambda: dict(STATE_LABELS))
+
+    def local_time(self, iso: str | None) -> str:
+        if not iso:
+            return ""
+        moment = dt.datetime.fromisoformat(iso).astimezone(ZoneInfo(self.timezone))
+        return moment.strftime("%Y-%m-%d %H:%M")
+
+    def waited(self, iso: str | None) -> str:
+        if not iso:
+            return ""
+        return duration((dt.datetime.now(dt.UTC) - dt.datetime.fromisoformat(iso)).total_seconds())
+
+    def number(self, value: int | None) -> str:
+        return "?" if value is None else f"{value:,}"
+
+    def size(self, value: int | None) -> str:
+        return file_size(value)
+
+    def summary(self, snapshot: dict[str, Any]) -> str:
+        return from_snapshot(snapshot).summary()
+
+    def sort(self, snapshot: dict[str, Any]) -> str:
+        return SORT_LABELS.get(snapshot.get("sort") or DEFAULT_SORT, "")
+
+    def narrower(self, export: dict[str, Any]) -> bool:
+        """True when the user fixes the failure by asking for fewer rows."""
+        error = export.get("error") or {}
+        return not error.get("retryable") and error.get("code") in NARROW_CODES
+
+    def hint(self, export: dict[str, Any]) -> str:
+        """What to do about a failed export: retry, narrow the filters, or contact support."""
+        if (export.get("error") or {}).get("retryable"):
+            return HINTS["retry"]
+        if self.narrower(export):
+            return HINTS["narrow"]
+        return HINTS["support"].format(id=export["id"])
+
+    def key(self, export: dict[str, Any]) -> str:
+        """Changes when an item must be drawn anew (the script compares it)."""
+        error = export.get("error") or {}
+        link = 1 if export.get("download_url") else 0
+        return f"{export['state']}|{error.get('code', '')}|{export['attempts']}|{link}"
+
+    def report_url(self, export: dict[str, Any]) -> str:
+        """The report with the export's filters, to look at them again or change them."""
+        return report_url(export["account"], from_snapshot(export["filters"]))
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {
+            "csrf": self.csrf,
+            "timezone": self.timezone,
+            "next": self.next,
+            "enabled": self.enabled,
+            "poll_url": self.poll_url,
+            "panel_size": PANEL_SIZE,
+            "active_poll_ms": ACTIVE_POLL_MS,
+            "idle_poll_ms": IDLE_POLL_MS,
+            "labels": self.labels,
+            "sort_labels": SORT_LABELS,
+            "hints": HINTS,
+            "narrow_codes": sorted(NARROW_CODES),
+            "requested": {str(k): v for k, v in REQUESTED.items()},
+            "messages": MESSAGES,
+            "disabled": DISABLED,
+            **self.extra,
+        }
+
+
+def report_url(slug: str, filters: OrderFilters) -> str:
+    """The report page showing ``filters`` (a link that can be shared and reloaded)."""
+    query = urlencode(filters.to_query())
+    return f"/accounts/{slug}/orders" + (f"?{query}" if query else "")
+
+
+def flash(request: Request, text: str, *, kind: str = "info") -> None:
+    """Keep a message for the next page this browser shows (after a form's redirect)."""
+    request.session[FLASH_KEY] = {"kind": kind, "text": text}
+
+
+def take_flash(request: Request) -> dict[str, str] | None:
+    value = request.session.pop(FLASH_KEY, None)
+    return value if isinstance(value, dict) else None
+
+
+def current_path(request: Request) -> str:
+    return request.url.path + (f"?{request.url.query}" if request.url.query else "")
+
+
+def _to_json(request: Request, job: ExportJob, account: Account, caller: Caller) -> dict[str, Any]:
+    return exports.to_json(
+        job,
+        account=account,
+        settings=request.app.state.settings,
+        viewer=caller.user,
+        base_url=str(request.base_url),
+    )
+
+
+def panel_context(
+    request: Request,
+    session: Session,
+    caller: Caller,
+    account: Account,
+    role: Role,
+    filters: OrderFilters,
+) -> dict[str, Any]:
+    """What the report page needs for its export button and Exports panel.
+
+    ``filters`` are the APPLIED filters (what the table shows): the button exports those.
+    """
+    enabled = request.app.state.flags.get("exports_enabled")
+    items: list[dict[str, Any]] = []
+    if role is Role.ADMIN:
+        _, found = exports.list_for_account(session, account.slug, caller.user, limit=PANEL_SIZE)
+        items = [_to_json(request, job, account, caller) for job in found]
+    ui = ExportUi(
+        csrf=csrf_token(request),
+        timezone=account.timezone,
+        next=current_path(request),
+        enabled=enabled,
+        poll_url=f"/api/v1/accounts/{account.slug}/order-exports",
+        extra={
+            "create_url": f"/api/v1/accounts/{account.slug}/order-exports",
+            "filters": filters.to_snapshot(),
+        },
+    )
+    return {
+        "ui": ui,
+        "exports": items,
+        "exports_enabled": enabled,
+        "can_export": role is Role.ADMIN,
+        "flash": take_flash(request),
+    }
+
+
+def export_page(
+    request: Request,
+    caller: Caller,
+    export_id: str,
+    *,
+    notice: str | None = None,
+    status_code: int = 200,
+) -> Response:
+    """The export's own page (404 unless the caller is an admin of its account right now)."""
+    with request.app.state.sessions() as session:
+        job, account = exports.get_for_admin(session, export_id, caller.user)
+        export = _to_json(request, job, account, caller)
+    ui = ExportUi(
+        csrf=csrf_token(request),
+        timezone=account.timezone,
+        next=f"/exports/{export['id']}",
+        enabled=request.app.state.flags.get("exports_enabled"),
+        poll_url=f"/api/v1/order-exports/{export['id']}",
+    )
+    if notice is not None and export["state"] in LANDING_NEXT:
+        notice = f"{notice} {LANDING_NEXT[export['state']]}"
+    context = {
+        "user": caller.user,
+        "account": account,
+        "export": export,
+        "exports": [export],
+        "ui": ui,
+        "notice": notice,
+        "flash": take_flash(request),
+        "csrf": ui.csrf,
+    }
+    templates = request.app.state.templates
+    return templates.TemplateResponse(  # type: ignore[no-any-return]
+        request,
+        "export.html",
+        context,
+        status_code=status_code,
+        headers={"Cache-Control": "no-store"},  # it holds a signed link
+    )
+
+
+def landing(request: Request, exc: OrdersExportError) -> Response:
+    """Where a browser lands with a download link it cannot use: the export's page, explained."""
+    with request.app.state.sessions() as session:
+        caller = identify(request, session)
+    if caller is None:  # the download checked the caller a moment ago
+        raise Unauthenticated("log in")
+    try:
+        return export_page(
+            request,
+            caller,
+            request.path_params["export_id"],
+            notice=LANDING.get(exc.code, exc.message),
+            status_code=status_for(exc),
+        )
+    except NotFound:
+        raise exc from None

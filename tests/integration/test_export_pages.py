@@ -1,0 +1,442 @@
+"""The export pages without JavaScript: the button's form, the Exports panel, the export's page,
+and where a browser lands with a download link it cannot use.
+
+Background exports are run by calling the runner directly, as in test_exports_api.py.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import json
+import re
+import uuid
+from collections.abc import Iterator
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import httpx2
+import pytest
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
+
+from services.api.app import create_app
+from shared.db import transaction
+from shared.filters import OrderFilters, parse_filters
+from shared.flags import FlagCache, set_flag
+from shared.identity import find_user
+from shared.models import ExportJob, ExportState
+from shared.runner import ExportRunner, Outcome
+from shared.settings import Settings
+from shared.signing import SigningKeys, download_path
+from tests.integration.exportdata import make_job
+from tests.integration.reportdata import Population, populate
+
+THRESHOLD = 200
+PASSWORD = "correct horse battery"
+HTML = {"Accept": "text/html,application/xhtml+xml"}
+
+
+@pytest.fixture(scope="module")
+def population(sessions: sessionmaker[Session]) -> Population:
+    return populate(sessions, orders=1500)
+
+
+@pytest.fixture(scope="module")
+def app_settings(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    storage = Path(tmp_path_factory.mktemp("storage"))
+    return settings.model_copy(
+        update={
+            "storage_url": storage.as_uri(),
+            "export_async_threshold_rows": THRESHOLD,
+            "export_max_active_per_user": 4,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def app(app_settings: Settings, population: Population) -> Iterator[Starlette]:
+    app = create_app(app_settings)
+    app.state.flags = FlagCache(app.state.sessions, max_age=0)  # switches apply at once here
+    with TestClient(app):
+        yield app
+
+
+@pytest.fixture(scope="module")
+def runner(app: Starlette) -> ExportRunner:
+    from services.api.exports import runner_of
+
+    return runner_of(app)
+
+
+def browser(app: Starlette, email: str | None = None) -> TestClient:
+    """A cookie-holding client, logged in through the form when ``email`` is given."""
+    client = TestClient(app, base_url="http://127.0.0.1", headers=HTML)
+    if email is not None:
+        response = client.post("/login", data={"email": email, "password": PASSWORD})
+        assert response.status_code == 200, response.text
+    return client
+
+
+class Forms(HTMLParser):
+    """Every form of a page: its attributes and its fields as (name, value) pairs."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.forms: list[tuple[dict[str, str], list[tuple[str, str]]]] = []
+        self.feed(text)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = {k: v or "" for k, v in attrs}
+        if tag == "form":
+            self.forms.append((values, []))
+        elif tag == "input" and self.forms and "name" in values:
+            self.forms[-1][1].append((values["name"], values.get("value", "")))
+
+    def find(self, **attrs: str) -> list[tuple[str, str]]:
+        for form, fields in self.forms:
+            if all(form.get(k) == v for k, v in attrs.items()):
+                return fields
+        raise AssertionError(f"no form with {attrs}")
+
+
+def submit(
+    client: TestClient, url: str, fields: list[tuple[str, str]], **kwargs: Any
+) -> httpx2.Response:
+    """Post a form's fields as a browser does (repeated names kept, in order)."""
+    return client.post(
+        url,
+        content=urlencode(fields),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        **kwargs,
+    )
+
+
+def flash_of(text: str) -> str:
+    """The one-shot message a form's redirect left for the page ("" when none)."""
+    match = re.search(r'<p id="export-message"[^>]*>(.*?)</p>', text, re.S)
+    return match.group(1) if match else ""
+
+
+def config_of(text: str) -> dict[str, Any]:
+    match = re.search(r'<script type="application/json" id="exports-config">(.*?)</script>', text)
+    assert match, "no exports config on the page"
+    return json.loads(match.group(1))  # type: ignore[no-any-return]
+
+
+def item_states(text: str) -> dict[str, str]:
+    return dict(
+        re.findall(r'<li class="export" id="export-([0-9a-f-]+)"[^>]*data-state="(\w+)"', text)
+    )
+
+
+def count_jobs(sessions: sessionmaker[Session]) -> int:
+    with sessions() as session:
+        return session.scalar(select(func.count()).select_from(ExportJob)) or 0
+
+
+def user_id(sessions: sessionmaker[Session], email: str) -> int:
+    with sessions() as session:
+        user = find_user(session, email)
+        assert user is not None
+        return user.id
+
+
+def cancel_all(sessions: sessionmaker[Session]) -> None:
+    with transaction(sessions) as session:
+        session.execute(
+            update(ExportJob)
+            .where(ExportJob.state.in_([ExportState.QUEUED, ExportState.RUNNING]))
+            .values(state=ExportState.CANCELED)
+        )
+
+
+def test_button_form_carries_the_applied_filters(app: Starlette) -> None:
+    admin = browser(app, "admin@acme.test")
+    query = "status=paid&status=refunded&channel=web&min_total=10.50&sort=-total&limit=20"
+    page = admin.get(f"/accounts/acme/orders?{query}")
+    assert page.status_code == 200 and page.headers["cache-control"] == "no-store"
+    fields = Forms(page.text).find(id="export-form")
+    assert fields[0][0] == "csrf_token"
+    applied = parse_filters(
+        {k: [v for n, v in parse_qsl(query) if n == k] for k, _ in parse_qsl(query)},
+        ignore=("limit",),
+    )
+    assert fields[1:] == applied.to_query()  # the applied filters, not paging
+    assert config_of(page.text)["filters"] == applied.to_snapshot()
+    assert "Exports the applied filters: <strong>status paid, refunded; channel web" in page.text
+    assert 'aria-labelledby="exports-heading"' in page.text
+
+
+def test_export_form_needs_the_csrf_token(app: Starlette, sessions: sessionmaker[Session]) -> None:
+    admin = browser(app, "admin@acme.test")
+    before = count_jobs(sessions)
+    for data in ({"status": "paid"}, {"status": "paid", "csrf_token": "forged"}):
+        refused = admin.post("/accounts/acme/exports", data=data, follow_redirects=False)
+        assert refused.status_code == 403
+        assert "text/html" in refused.headers["content-type"]
+    anonymous = browser(app).post("/accounts/acme/exports", data={}, follow_redirects=False)
+    assert anonymous.status_code == 303  # log in, then back to the report (not to the POST)
+    assert anonymous.headers["location"] == "/login?next=%2Faccounts%2Facme%2Forders"
+    assert count_jobs(sessions) == before
+
+
+def test_member_sees_why_and_is_refused(app: Starlette, sessions: sessionmaker[Session]) -> None:
+    member = browser(app, "member@acme.test")
+    page = member.get("/accounts/acme/orders")
+    assert page.status_code == 200
+    assert '<button type="button" disabled aria-describedby="export-note">Export CSV</button>' in (
+        page.text
+    )
+    assert "Only admins of Acme can export orders" in page.text
+    assert 'id="export-form"' not in page.text and 'id="export-list"' not in page.text
+    csrf = Forms(page.text).find(action="/logout")[0][1]
+    before = count_jobs(sessions)
+    refused = member.post(
+        "/accounts/acme/exports", data={"csrf_token": csrf}, follow_redirects=False
+    )
+    assert refused.status_code == 403
+    assert count_jobs(sessions) == before
+
+
+def test_no_js_request_cancel_retry_and_download(
+    app: Starlette, sessions: sessionmaker[Session], runner: ExportRunner
+) -> None:
+    cancel_all(sessions)
+    admin = browser(app, "admin@acme.test")
+    # Given the report shows (applied) filters that select more rows than the threshold
+    page = admin.get("/accounts/acme/orders?channel=web&channel=pos&sort=number")
+    fields = Forms(page.text).find(id="export-form")
+    # When the Export CSV form is posted as the page rendered it
+    done = submit(admin, "/accounts/acme/exports", fields, follow_redirects=False)
+    # Then it redirects back to the report with those filters, the export queued in the panel
+    assert done.status_code == 303
+    assert done.headers["location"] == "/accounts/acme/orders?channel=web&channel=pos&sort=number"
+    back = admin.get(done.headers["location"])
+    assert flash_of(back.text).startswith("Export requested.")
+    (export_id, state), *_ = item_states(back.text).items()
+    assert state == "queued"
+    with sessions() as session:
+        job = session.get_one(ExportJob, uuid.UUID(export_id))
+        assert job.filters == OrderFilters(channel=("web", "pos"), sort="number").to_snapshot()
+    assert flash_of(admin.get(done.headers["location"]).text) == ""  # said once
+    # Cancel through its form, back to the page the button was on
+    cancel = Forms(back.text).find(action=f"/exports/{export_id}/cancel")
+    assert dict(cancel)["next"] == "/accounts/acme/orders?channel=web&channel=pos&sort=number"
+    canceled = submit(admin, f"/exports/{export_id}/cancel", cancel, follow_redirects=False)
+    assert canceled.status_code == 303 and canceled.headers["location"] == dict(cancel)["next"]
+    after = admin.get(canceled.headers["location"]).text
+    assert item_states(after)[export_id] == "canceled" and flash_of(after) == "Export canceled."
+    # Export again (retry) from the export's own page, then a worker makes the file
+    own = admin.get(f"/exports/{export_id}")
+    assert own.status_code == 200
+    retry = Forms(own.text).find(action=f"/exports/{export_id}/retry")
+    assert dict(retry)["next"] == f"/exports/{export_id}"
+    retried = submit(admin, f"/exports/{export_id}/retry", retry, follow_redirects=False)
+    assert retried.headers["location"] == f"/exports/{export_id}"
+    assert item_states(admin.get(f"/exports/{export_id}").text)[export_id] == "queued"
+    assert runner.run(uuid.UUID(export_id)).outcome is Outcome.READY
+    ready = admin.get(f"/exports/{export_id}").text
+    assert item_states(ready)[export_id] == "ready"
+    link = re.search(r'data-field="download" href="([^"]+)"', ready)
+    assert link, ready
+    file = admin.get(link.group(1).replace("&amp;", "&"))
+    assert file.status_code == 200 and file.headers["content-type"] == "text/csv; charset=utf-8"
+
+
+def test_small_export_is_ready_when_the_page_comes_back(
+    app: Starlette, sessions: sessionmaker[Session]
+) -> None:
+    admin = browser(app, "admin@acme.test")
+    fields = Forms(admin.get("/accounts/acme/orders?status=canceled&channel=phone").text).find(
+        id="export-form"
+    )
+    page = submit(admin, "/accounts/acme/exports", fields)
+    assert page.status_code == 200 and flash_of(page.text).startswith("Your export is ready")
+    assert next(iter(item_states(page.text).values())) == "ready"
+
+
+def test_refusals_are_shown_on_the_page(app: Starlette, sessions: sessionmaker[Session]) -> None:
+    admin = browser(app, "admin@acme.test")
+    fields = Forms(admin.get("/accounts/acme/orders?status=pending").text).find(id="export-form")
+    with transaction(sessions) as session:
+        set_flag(session, "exports_enabled", False)
+    try:
+        # The switch went off after the page was shown: the click explains, nothing is made
+        before = count_jobs(sessions)
+        page = submit(admin, "/accounts/acme/exports", fields)
+        assert page.status_code == 200 and count_jobs(sessions) == before
+        assert flash_of(page.text).startswith("exports are switched off for now")
+        assert 'class="flash flash-error" role="alert"' in page.text
+        # And the page no longer offers the button, but says why
+        assert 'id="export-form"' not in page.text
+        assert "Exports are switched off for now." in page.text
+    finally:
+        with transaction(sessions) as session:
+            set_flag(session, "exports_enabled", True)
+    assert 'id="export-form"' in admin.get("/accounts/acme/orders").text
+
+
+def test_bad_filters_offer_no_export(app: Starlette) -> None:
+    admin = browser(app, "admin@acme.test")
+    page = admin.get("/accounts/acme/orders?min_total=lots")
+    assert page.status_code == 422
+    assert 'id="export-form"' not in page.text and "Fix the filters above" in page.text
+
+
+@pytest.mark.parametrize(
+    ("code", "retryable", "says", "retry_button"),
+    [
+        ("storage_unavailable", True, "temporary problem", True),
+        ("query_timeout", False, "Narrow the filters", False),
+        ("too_many_rows", False, "Narrow the filters", False),
+        ("internal_error", False, "contact support", False),
+    ],
+)
+def test_export_page_explains_failures(
+    app: Starlette,
+    sessions: sessionmaker[Session],
+    population: Population,
+    code: str,
+    retryable: bool,
+    says: str,
+    retry_button: bool,
+) -> None:
+    export_id = make_job(
+        sessions,
+        account_id=population.account_id,
+        user_id=user_id(sessions, "admin@acme.test"),
+        state=ExportState.FAILED,
+        filters=OrderFilters(status=("paid",), placed_from=dt.date(2025, 1, 1)),
+        error_code=code,
+        error_message=f"Reason for {code}.",
+        error_class="retryable"
+        if retryable
+        else ("user" if code != "internal_error" else "engineering"),
+    )
+    page = browser(app, "admin@acme.test").get(f"/exports/{export_id}")
+    assert page.status_code == 200
+    assert f"Reason for {code}." in page.text and says in page.text
+    assert '<span class="badge badge-failed">Failed</span>' in page.text
+    assert (f'action="/exports/{export_id}/retry"' in page.text) is retry_button
+    if says == "Narrow the filters":
+        assert (
+            "Change the filters" in page.text
+            and "status=paid&amp;placed_from=2025-01-01" in page.text
+        )
+    if code == "internal_error":
+        assert str(export_id) in page.text.split("contact support")[1][:80]
+
+
+def test_export_page_is_for_admins_of_the_account(
+    app: Starlette, sessions: sessionmaker[Session], population: Population
+) -> None:
+    export_id = make_job(
+        sessions, account_id=population.account_id, user_id=user_id(sessions, "admin@acme.test")
+    )
+    assert browser(app, "member@acme.test").get(f"/exports/{export_id}").status_code == 404
+    assert browser(app, "admin@globex.test").get(f"/exports/{export_id}").status_code == 404
+    assert browser(app, "admin@acme.test").get("/exports/not-a-uuid").status_code == 404
+    anonymous = browser(app).get(f"/exports/{export_id}", follow_redirects=False)
+    assert anonymous.status_code == 303
+    assert anonymous.headers["location"] == f"/login?next=%2Fexports%2F{export_id}"
+
+
+class Links:
+    """Download links for the admin, made by hand so their expiry can be anything."""
+
+    def __init__(self, app_settings: Settings, sessions: sessionmaker[Session]) -> None:
+        self.keys = SigningKeys.from_settings(app_settings)
+        self.admin = user_id(sessions, "admin@acme.test")
+
+    def make(self, export_id: str, *, seconds: int) -> str:
+        moment = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)
+        return download_path(self.keys, export_id=export_id, user_id=self.admin, expires_at=moment)
+
+
+@pytest.fixture(scope="module")
+def ready_export(app: Starlette, sessions: sessionmaker[Session]) -> str:
+    admin = browser(app, "admin@acme.test")
+    fields = Forms(admin.get("/accounts/acme/orders?status=refunded&channel=pos").text).find(
+        id="export-form"
+    )
+    page = submit(admin, "/accounts/acme/exports", fields)
+    (export_id, state), *_ = item_states(page.text).items()
+    assert state == "ready"
+    return export_id
+
+
+def test_expired_link_lands_on_the_export_page_with_a_fresh_link(
+    app: Starlette,
+    app_settings: Settings,
+    sessions: sessionmaker[Session],
+    population: Population,
+    ready_export: str,
+) -> None:
+    stale = Links(app_settings, sessions).make(ready_export, seconds=-5)
+    # A browser: the export's page, 410, the reason, and a fresh link that works
+    page = browser(app, "admin@acme.test").get(stale)
+    assert page.status_code == 410 and "text/html" in page.headers["content-type"]
+    assert page.headers["cache-control"] == "no-store"
+    assert "This download link has expired. Use the fresh download link below" in page.text
+    fresh = re.search(r'data-field="download" href="([^"]+)"', page.text)
+    assert fresh and fresh.group(1).replace("&amp;", "&") != stale
+    assert urlsplit(fresh.group(1)).path == f"/exports/{ready_export}/download"
+    again = browser(app, "admin@acme.test").get(fresh.group(1).replace("&amp;", "&"))
+    assert again.status_code == 200 and again.headers["content-type"].startswith("text/csv")
+    # An API client: exactly the JSON error it always got
+    api = TestClient(app, base_url="http://127.0.0.1")
+    response = api.get(stale, headers={"Authorization": f"Bearer {population.tokens['admin']}"})
+    assert response.status_code == 410
+    assert response.json()["error"]["code"] == "link_expired"
+
+
+def test_tampered_link_lands_on_the_export_page_as_403(
+    app: Starlette, app_settings: Settings, sessions: sessionmaker[Session], population: Population,
+    ready_export: str,
+) -> None:  # fmt: skip
+    link = Links(app_settings, sessions).make(ready_export, seconds=600)
+    tampered = link[:-1] + ("0" if link[-1] != "0" else "1")
+    page = browser(app, "admin@acme.test").get(tampered)
+    assert page.status_code == 403
+    assert "This download link is not valid for you" in page.text
+    assert 'data-field="download"' in page.text
+    api = TestClient(app, base_url="http://127.0.0.1")
+    response = api.get(tampered, headers={"Authorization": f"Bearer {population.tokens['admin']}"})
+    assert response.status_code == 403 and response.json()["error"]["code"] == "bad_signature"
+    member = browser(app, "member@acme.test").get(link)
+    assert member.status_code == 403 and "Not allowed" in member.text  # no page for members
+
+
+def test_expired_file_lands_on_the_export_page_with_re_export(
+    app: Starlette, app_settings: Settings, sessions: sessionmaker[Session], population: Population
+) -> None:
+    cancel_all(sessions)
+    export_id = str(
+        make_job(
+            sessions,
+            account_id=population.account_id,
+            user_id=user_id(sessions, "admin@acme.test"),
+            state=ExportState.EXPIRED,
+            filters=OrderFilters(channel=("phone",), status=("paid",)),
+        )
+    )
+    link = Links(app_settings, sessions).make(export_id, seconds=600)
+    admin = browser(app, "admin@acme.test")
+    page = admin.get(link)
+    assert page.status_code == 410
+    assert "This export's file has expired and was deleted. Export the same filters again" in (
+        html.unescape(page.text)
+    )
+    assert '<span class="badge badge-expired">Expired</span>' in page.text
+    assert '<button type="submit" class="primary">Re-export</button>' in page.text
+    fields = Forms(page.text).find(action=f"/exports/{export_id}/retry")
+    requeued = submit(admin, f"/exports/{export_id}/retry", fields)
+    assert requeued.status_code == 200 and item_states(requeued.text)[export_id] == "queued"
+    api = TestClient(app, base_url="http://127.0.0.1")
+    response = api.get(link, headers={"Authorization": f"Bearer {population.tokens['admin']}"})
+    assert response.status_code == 404  # queued again: no file (JSON as before)
