@@ -6,10 +6,10 @@ import datetime as dt
 import enum
 import uuid
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared import metrics
+from shared.access import export_for
 from shared.errors import (
     BadSignature,
     FileExpired,
@@ -19,7 +19,7 @@ from shared.errors import (
     OrdersExportError,
     Unauthenticated,
 )
-from shared.models import Account, DownloadAttempt, ExportJob, ExportState, Membership, Role, User
+from shared.models import Account, DownloadAttempt, ExportJob, ExportState, Role, User
 from shared.signing import SigningKeys, verify
 
 
@@ -63,19 +63,7 @@ def authorize(
     revealing nothing), is an admin (403), the signature is genuine for this user (403), the link
     has not expired (410), the file has not expired (410), and the file is ready (404).
     """
-    try:
-        key = uuid.UUID(export_id)
-    except ValueError:
-        raise NotFound("no such export") from None
-    row = session.execute(
-        select(ExportJob, Account, Membership.role)
-        .join(Account, Account.id == ExportJob.account_id)
-        .join(Membership, (Membership.account_id == Account.id) & (Membership.user_id == user.id))
-        .where(ExportJob.id == key)
-    ).first()
-    if row is None:
-        raise NotFound("no such export")
-    job, account, role = row
+    job, account, role = export_for(session, export_id, user)
     if role is not Role.ADMIN:
         raise Forbidden("only account admins may download exports")
     verify(keys, export_id=str(job.id), user_id=user.id, expires=expires, signature=signature)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from shared import jobs, outbox
-from shared.access import account_for
+from shared.access import account_for, export_for
 from shared.columns import COLUMN_SET_VERSION
 from shared.errors import (
     Conflict,
@@ -31,7 +30,7 @@ from shared.errors import (
 from shared.events import ExportCanceled, ExportRequested
 from shared.filters import OrderFilters, parse_filter_object
 from shared.flags import FlagCache
-from shared.models import Account, ExportJob, ExportState, Membership, Role, User
+from shared.models import Account, ExportJob, ExportState, Role, User
 from shared.report import count_rows, estimate_rows
 from shared.settings import Settings
 from shared.signing import SigningKeys, download_path
@@ -110,6 +109,14 @@ def _existing(
     )
 
 
+def _check_active_cap(session: Session, *, settings: Settings, user: User) -> None:
+    if jobs.count_active(session, user_id=user.id) >= settings.export_max_active_per_user:
+        raise TooManyActiveExports(
+            f"you already have {settings.export_max_active_per_user} exports queued or running",
+            retry_after=ACTIVE_CAP_RETRY_AFTER,
+        )
+
+
 def request_export(
     session: Session,
     *,
@@ -138,11 +145,7 @@ def request_export(
     existing = _existing(session, user, account, digest, idempotency_key)
     if existing is not None:
         return Requested(existing, "existing", inline=False)
-    if jobs.count_active(session, user_id=user.id) >= settings.export_max_active_per_user:
-        raise TooManyActiveExports(
-            f"you already have {settings.export_max_active_per_user} exports queued or running",
-            retry_after=ACTIVE_CAP_RETRY_AFTER,
-        )
+    _check_active_cap(session, settings=settings, user=user)
 
     threshold = settings.export_async_threshold_rows
     rows = count_rows(session, account, filters, bound=max(threshold, COUNT_BUDGET) + 1)
@@ -195,19 +198,10 @@ def queue_in_background(
 
 def get_for_admin(session: Session, export_id: str, user: User) -> tuple[ExportJob, Account]:
     """The export, if the user is an admin of its account right now (else NotFound)."""
-    try:
-        key = uuid.UUID(export_id)
-    except ValueError:
-        raise NotFound("no such export") from None
-    row = session.execute(
-        select(ExportJob, Account, Membership.role)
-        .join(Account, Account.id == ExportJob.account_id)
-        .join(Membership, (Membership.account_id == Account.id) & (Membership.user_id == user.id))
-        .where(ExportJob.id == key)
-    ).first()
-    if row is None or row[2] is not Role.ADMIN:
+    job, account, role = export_for(session, export_id, user)
+    if role is not Role.ADMIN:
         raise NotFound("no such export")
-    return row[0], row[1]
+    return job, account
 
 
 def list_for_account(
@@ -233,11 +227,7 @@ def retry(
         raise Conflict(
             f"only failed, canceled or expired exports can be retried (this one is {job.state})"
         )
-    if jobs.count_active(session, user_id=user.id) >= settings.export_max_active_per_user:
-        raise TooManyActiveExports(
-            f"you already have {settings.export_max_active_per_user} exports queued or running",
-            retry_after=ACTIVE_CAP_RETRY_AFTER,
-        )
+    _check_active_cap(session, settings=settings, user=user)
     try:
         with session.begin_nested():
             moved = _requeue(session, settings=settings, job=job, user=user)

@@ -6,57 +6,28 @@ SIGTERM/SIGINT (exit 0); a configuration problem exits 2 with one line on stderr
 
 from __future__ import annotations
 
-import logging
-import signal
 import sys
 import threading
-from types import FrameType
 
-from shared import metrics
-from shared.db import make_engine, make_sessionmaker
-from shared.errors import ConfigurationError
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared import service
 from shared.outbox import OutboxRelay
-from shared.settings import load_settings
+from shared.settings import Settings
 
-log = logging.getLogger("services.api.relay")
-
-#: Exit code for a missing or malformed setting.
-EXIT_CONFIGURATION = 2
 #: Database connections the relay's pool keeps (it uses one at a time, plus LISTEN's own).
 POOL_SIZE = 2
 
 
-def _stop_on_signals(stop: threading.Event) -> None:
-    def request_stop(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+def relay(settings: Settings, sessions: sessionmaker[Session], stop: threading.Event) -> None:
+    OutboxRelay(settings=settings, sessions=sessions).run(stop)
 
 
 def main() -> int:
     """Run the relay until SIGTERM/SIGINT."""
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"
+    return service.run(
+        "outbox relay", required=["kafka_bootstrap_servers"], pool_size=POOL_SIZE, body=relay
     )
-    try:
-        settings = load_settings()
-        settings.require("kafka_bootstrap_servers")
-        metrics_server = metrics.serve(settings)
-    except ConfigurationError as exc:
-        print(f"outbox relay: {exc.message}", file=sys.stderr)
-        return EXIT_CONFIGURATION
-    engine = make_engine(settings.database_url, pool_size=POOL_SIZE)
-    stop = threading.Event()
-    _stop_on_signals(stop)
-    try:
-        log.info("outbox relay: started")
-        OutboxRelay(settings=settings, sessions=make_sessionmaker(engine)).run(stop)
-    finally:
-        engine.dispose()
-        if metrics_server is not None:
-            metrics_server.stop()
-    return 0
 
 
 if __name__ == "__main__":

@@ -4,10 +4,8 @@ housekeeping. ``python -m services.worker``; scale by running more processes."""
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 import threading
-from types import FrameType
 
 from dramatiq import Worker
 from dramatiq.common import dq_name
@@ -20,7 +18,7 @@ from services.worker.actors import (
 )
 from services.worker.bridge import GROUP_ID, make_bridge
 from services.worker.maintenance import Maintenance
-from shared import metrics
+from shared import metrics, service
 from shared.backlog import BacklogMonitor
 from shared.db import make_engine, make_sessionmaker
 from shared.errors import ConfigurationError
@@ -40,9 +38,7 @@ CONSUMER_WAIT_MS = 200
 
 
 def main() -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    service.configure_logging()
     try:
         settings = load_settings()
         storage = storage_from_url(
@@ -52,7 +48,7 @@ def main() -> int:
         settings.require("kafka_bootstrap_servers")
     except ConfigurationError as exc:
         print(f"worker: {exc.message}", file=sys.stderr)
-        return 2
+        return service.EXIT_CONFIGURATION
     storage.prepare()
     engine = make_engine(settings.database_url, pool_size=settings.export_worker_threads + 4)
     sessions = make_sessionmaker(engine)
@@ -81,16 +77,9 @@ def main() -> int:
         print(f"worker: {exc.message}", file=sys.stderr)
         broker.close()
         engine.dispose()
-        return 2
+        return service.EXIT_CONFIGURATION
 
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("signal %s: stopping", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = service.stop_on_signals()
 
     # The exports queue gets a pool of its own: exports never starve other background work.
     worker = Worker(
