@@ -68,6 +68,11 @@ class SafeError:
     code: str
     message: str
     error_class: ErrorClass
+    #: What to say instead once the automatic retries are used up (retryable errors only).
+    final_message: str | None = None
+
+    def message_for(self, *, final: bool) -> str:
+        return self.final_message if final and self.final_message else self.message
 
 
 def classify(exc: BaseException, *, canceled_by_us: bool) -> SafeError:
@@ -86,12 +91,15 @@ def classify(exc: BaseException, *, canceled_by_us: bool) -> SafeError:
             "database_unavailable",
             "The database connection was interrupted. The export will be retried.",
             ErrorClass.RETRYABLE,
+            "The database connection was interrupted on every attempt. Retry the export in a "
+            "few minutes.",
         )
     if isinstance(exc, StorageError):
         return SafeError(
             "storage_unavailable",
             "The file could not be stored. The export will be retried.",
             ErrorClass.RETRYABLE,
+            "The file could not be stored on any attempt. Retry the export in a few minutes.",
         )
     return SafeError(
         "internal_error",
@@ -347,7 +355,7 @@ class ExportRunner:
                 detail=error.code,
                 where=[ExportJob.worker_id == worker_id],
                 error_code=error.code,
-                error_message=error.message,
+                error_message=error.message_for(final=not retry),
                 error_class=error.error_class,
                 lease_expires_at=None,
                 **extra,
@@ -361,7 +369,7 @@ class ExportRunner:
                     account=account.slug,
                     requested_by=job.requested_by,
                     code=error.code,
-                    message=error.message,
+                    message=error.message_for(final=not retry),
                     retryable=error.error_class is ErrorClass.RETRYABLE,
                     final=not retry,
                 ),

@@ -197,7 +197,7 @@ def test_storage_outage_fails_with_its_reason_and_retry_works(page: Page, stack:
         stack.start_s3()
     expect(item.locator(".badge")).to_have_text("Failed")
     expect(item.locator(".reason")).to_have_text(
-        "The file could not be stored. The export will be retried."
+        "The file could not be stored on any attempt. Retry the export in a few minutes."
     )
     expect(item.locator(".hint")).to_contain_text("retry the export")
     expect(page.locator("#export-message")).to_contain_text("Export failed")

@@ -189,7 +189,9 @@ def test_storage_outage_fails_visibly_emails_once_and_retry_succeeds(
     assert failed["attempts"] == 2
     assert failed["error"] == {
         "code": "storage_unavailable",
-        "message": "The file could not be stored. The export will be retried.",
+        "message": (
+            "The file could not be stored on any attempt. Retry the export in a few minutes."
+        ),
         "retryable": True,
     }
     mails = wait_for(lambda: stack.emails_about(export["id"]), timeout=30, what="the failure email")

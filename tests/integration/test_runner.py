@@ -241,9 +241,13 @@ def test_storage_failure_is_retried_then_fails_then_manual_retry_works(
         3,
         "storage_unavailable",
     )
-    assert "retried" in (job.error_message or "") and "unreachable" not in (job.error_message or "")
+    assert (
+        job.error_message
+        == "The file could not be stored on any attempt. Retry the export in a few minutes."
+    )
     failed = [e for e in events_of(sessions, export_id) if e["type"] == "ExportFailed"]
     assert [e["final"] for e in failed] == [False, False, True]
+    assert "will be retried" in failed[0]["message"] and "any attempt" in failed[2]["message"]
     assert runner.run(export_id).outcome is Outcome.SKIPPED  # attempts used up, nothing claims it
     # When storage is back and the user retries
     storage.failing = False
