@@ -78,29 +78,40 @@ class CopyStream(io.RawIOBase):
         super().__init__()
         self._chunks = chunks
         self._pending = memoryview(prefix)
-        self._digest = hashlib.sha256(prefix)
-        self.size = len(prefix)
+        self._digest = hashlib.sha256()
+        self.size = 0
         self.rows = 0
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
+        # Hot path: one call per ~1 MiB read, one loop turn per row. Rows are copied into the
+        # caller's buffer; hashing and counting happen once per call, not once per row.
         target = memoryview(buffer).cast("B")
-        filled = 0
-        while filled < len(target):
-            if not self._pending:
-                chunk = next(self._chunks, None)
-                if chunk is None:
-                    break
-                self.rows += 1
-                self._pending = memoryview(chunk)
-                self._digest.update(chunk)
-                self.size += len(chunk)
-            take = min(len(self._pending), len(target) - filled)
-            target[filled : filled + take] = self._pending[:take]
-            self._pending = self._pending[take:]
-            filled += take
+        space = len(target)
+        filled = min(len(self._pending), space)
+        target[:filled] = self._pending[:filled]
+        self._pending = self._pending[filled:]
+        rows = 0
+        chunks = self._chunks
+        while filled < space:
+            chunk = next(chunks, None)
+            if chunk is None:
+                break
+            rows += 1
+            end = filled + len(chunk)
+            if end <= space:
+                target[filled:end] = chunk
+                filled = end
+            else:  # the row does not fit: keep the rest for the next call
+                view = memoryview(chunk)
+                target[filled:] = view[: space - filled]
+                self._pending = view[space - filled :]
+                filled = space
+        self.rows += rows
+        self.size += filled
+        self._digest.update(target[:filled])
         return filled
 
     @property

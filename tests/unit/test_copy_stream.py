@@ -1,0 +1,35 @@
+"""CopyStream: the bytes, rows, size and SHA-256 of a COPY, whatever the read sizes."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import pytest
+
+from shared.csvfile import CopyStream
+
+
+def rows(count: int) -> list[bytes]:
+    return [f'A-{n:06d},name {n},"quoted, {n}"\n'.encode() * (1 + n % 7) for n in range(count)]
+
+
+@pytest.mark.parametrize("read_size", [1, 7, 64, 1000, 1 << 20])
+def test_every_byte_row_and_digest_whatever_the_read_size(read_size: int) -> None:
+    prefix = b"\xef\xbb\xbfOrder,Name,Note\n"
+    data = rows(500)
+    stream = CopyStream(chunks=iter(data), prefix=prefix)
+    out = io.BytesIO()
+    while chunk := stream.read(read_size):
+        out.write(chunk)
+    expected = prefix + b"".join(data)
+    assert out.getvalue() == expected
+    assert stream.rows == 500
+    assert stream.size == len(expected)
+    assert stream.sha256 == hashlib.sha256(expected).hexdigest()
+
+
+def test_empty_copy_is_just_the_header() -> None:
+    stream = CopyStream(chunks=iter([]), prefix=b"h\n")
+    assert stream.read() == b"h\n"
+    assert (stream.rows, stream.size) == (0, 2)
