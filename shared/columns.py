@@ -37,6 +37,9 @@ class Column:
     label: str
     kind: Kind
     display: Expression
+    #: A CHECK constraint keeps every value of this text column away from the formula
+    #: triggers, so the CSV guard can skip it (e.g. status, channel, ISO currency codes).
+    formula_safe: bool = False
 
     def label_for(self, timezone: str) -> str:
         return self.label.format(timezone=timezone)
@@ -55,15 +58,15 @@ COLUMNS: tuple[Column, ...] = (
     Column("placed_at", "Placed at ({timezone})", Kind.TIMESTAMP, _local_minute),
     Column("customer_name", "Customer", Kind.TEXT, _as_text("customer_name")),
     Column("customer_email", "Email", Kind.TEXT, _as_text("customer_email")),
-    Column("status", "Status", Kind.TEXT, _as_text("status")),
-    Column("channel", "Channel", Kind.TEXT, _as_text("channel")),
+    Column("status", "Status", Kind.TEXT, _as_text("status"), formula_safe=True),
+    Column("channel", "Channel", Kind.TEXT, _as_text("channel"), formula_safe=True),
     Column("items_count", "Items", Kind.NUMBER, _as_text("items_count")),
     # numeric(12,2)::text is a plain decimal with 2 places, '.' separator, no grouping.
     Column("subtotal", "Subtotal", Kind.NUMBER, _as_text("subtotal")),
     Column("tax", "Tax", Kind.NUMBER, _as_text("tax")),
     Column("shipping", "Shipping", Kind.NUMBER, _as_text("shipping")),
     Column("total", "Total", Kind.NUMBER, _as_text("total")),
-    Column("currency", "Currency", Kind.TEXT, _as_text("currency")),
+    Column("currency", "Currency", Kind.TEXT, _as_text("currency"), formula_safe=True),
 )
 
 #: Bumped whenever COLUMNS changes; stored in each export's snapshot.
@@ -71,9 +74,13 @@ COLUMN_SET_VERSION = 1
 
 
 def formula_guarded(value: ColumnElement[str]) -> ColumnElement[str]:
-    """Prefix ``'`` to a text value that a spreadsheet would run as a formula."""
-    triggers = [literal(ch) for ch in FORMULA_TRIGGERS]
-    return case((func.left(value, 1).in_(triggers), literal("'") + value), else_=value)
+    """Prefix ``'`` to a text value that a spreadsheet would run as a formula.
+
+    ``ascii()`` of the first character is an integer compare per row; ``left(value, 1)`` would
+    build a new string per cell (measured: a third of the whole COPY on 500k rows).
+    """
+    triggers = [ord(ch) for ch in FORMULA_TRIGGERS]
+    return case((func.ascii(value).in_(triggers), literal("'") + value), else_=value)
 
 
 def guard_text(value: str) -> str:
@@ -90,7 +97,7 @@ def display_columns(
     selected: list[ColumnElement[str]] = []
     for column in COLUMNS:
         value = column.display(table, timezone)
-        if guard_formulas and column.kind is Kind.TEXT:
+        if guard_formulas and column.kind is Kind.TEXT and not column.formula_safe:
             value = formula_guarded(value)
         selected.append(value.label(column.key))
     return selected

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from sqlalchemy import ClauseElement
+from sqlalchemy import ClauseElement, select
 from sqlalchemy.dialects import postgresql
 
 from shared.columns import COLUMNS
 from shared.filters import OrderFilters
-from shared.models import Account
-from shared.report import count_select, report_select
+from shared.models import Account, Order
+from shared.report import count_select, filter_conditions, report_select
 
 #: UTF-8 byte order mark, written first when the user asks for it (Excel on Windows).
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -172,10 +172,17 @@ class ExportQuery:
         # Read-only work: closing discards it. A connection the server killed is just closed.
         self._conn.close()
 
-    def count(self, account: Account, filters: OrderFilters, *, bound: int) -> int:
-        sql, params = for_psycopg(count_select(account, filters, bound=bound))
+    def estimate(self, account: Account, filters: OrderFilters, *, exact_up_to: int) -> int:
+        """The row count for progress: exact when small (a bounded count), else the planner's
+        estimate, so a big export never pays for a second pass over its rows."""
+        sql, params = for_psycopg(count_select(account, filters, bound=exact_up_to + 1))
         row = self._conn.execute(sql, params).fetchone()
-        return int(row[0]) if row else 0
+        counted = int(row[0]) if row else 0
+        if counted <= exact_up_to:
+            return counted
+        sql, params = for_psycopg(select(Order.id).where(*filter_conditions(account, filters)))
+        plan = self._conn.execute(f"EXPLAIN (FORMAT JSON) {sql}", params).fetchone()
+        return max(counted, int(plan[0][0]["Plan"]["Plan Rows"])) if plan else counted
 
     def stream_into(
         self,

@@ -309,7 +309,8 @@ def to_json(
     if job.state is ExportState.READY:
         percent: float | None = 100.0
     elif estimate:
-        percent = round(min(100.0, 100.0 * job.rows_written / estimate), 1)
+        # The total of a big export is the planner's estimate: never claim 100% before ready.
+        percent = round(min(99.9, 100.0 * job.rows_written / estimate), 1)
     else:
         percent = 0.0 if job.state in jobs.ACTIVE else None
     now = dt.datetime.now(dt.UTC)

@@ -61,6 +61,10 @@ def producer_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+#: Longest a fetch waits for data before returning what it has (milliseconds).
+FETCH_WAIT_MAX_MS = 20
+
+
 def consumer_config(settings: Settings, *, group_id: str) -> dict[str, Any]:
     """A group consumer whose offsets are stored only after the handler succeeded."""
     session_timeout_ms = settings.kafka_session_timeout_ms
@@ -76,6 +80,8 @@ def consumer_config(settings: Settings, *, group_id: str) -> dict[str, Any]:
         ),
         # Redpanda is set up with its topics; the local mock cluster creates them on first use.
         "allow.auto.create.topics": True,
+        # An export request should not sit in a fetch that waits for more data (default 500).
+        "fetch.wait.max.ms": FETCH_WAIT_MAX_MS,
         "logger": librdkafka_log,
     }
 

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared import metrics
 from shared.db import libpq_url, transaction
-from shared.events import Event
+from shared.events import TOPIC_DEAD_LETTER, TOPIC_LIFECYCLE, TOPIC_REQUESTED, Event
 from shared.kafka import PRODUCER_MESSAGE_TIMEOUT_MS, producer_config, retry_delay
 from shared.models import OutboxMessage
 from shared.settings import Settings
@@ -150,6 +150,10 @@ class _Listener:
                 conn.close()
 
 
+#: How long the start-up topic warm-up may wait for the broker (seconds).
+WARM_UP_TIMEOUT_SECONDS = 5.0
+
+
 class OutboxRelay:
     """Publishes pending outbox rows to Kafka, oldest first, until stopped.
 
@@ -187,6 +191,17 @@ class OutboxRelay:
             config["message.timeout.ms"] = int(self.delivery_timeout_seconds * 1000)
             self._producer = Producer(config)
         return self._producer
+
+    def _warm_up_topics(self) -> None:
+        """Ask for the topics' metadata once at start: a broker that creates topics on first use
+        (the local in-memory one) has them before the first export, so consumers that subscribed
+        at start do not wait for their next metadata refresh. Redpanda has them already."""
+        try:
+            producer = self._get_producer()
+            for topic in (TOPIC_REQUESTED, TOPIC_LIFECYCLE, TOPIC_DEAD_LETTER):
+                producer.list_topics(topic=topic, timeout=WARM_UP_TIMEOUT_SECONDS)
+        except Exception as exc:  # a down broker is the normal outage path, handled later
+            log.info("outbox relay: topic warm-up skipped (%s)", type(exc).__name__)
 
     def publish_pending(self) -> int:
         """Publish one batch of pending rows; return how many the broker confirmed."""
@@ -271,6 +286,7 @@ class OutboxRelay:
         """Relay until ``stop`` is set; never raises for broker or database outages."""
         listener = _Listener(database_url=self.settings.database_url, listening=self.listening)
         failures = 0
+        self._warm_up_topics()
         try:
             while not stop.is_set():
                 # LISTEN first, then look at the table: nothing committed in between is missed.

@@ -35,6 +35,8 @@ from shared.storage import Storage, new_object_key
 
 log = logging.getLogger(__name__)
 
+#: Up to this many rows the progress total is an exact count; beyond, the planner's estimate.
+EXACT_COUNT_UP_TO = 100_000
 #: How often a running export renews its lease and records progress (seconds; spec: <= 2).
 HEARTBEAT_SECONDS = 1.0
 
@@ -230,13 +232,9 @@ class ExportRunner:
             )
             heartbeat.start()
             try:
-                rows = query.count(account, filters, bound=limit + 1)
-                if rows > limit:
-                    raise TooManyRows(
-                        f"The export would have more than {limit:,} rows. "
-                        "Narrow the filters and try again."
-                    )
-                heartbeat.rows_estimate = rows
+                heartbeat.rows_estimate = query.estimate(
+                    account, filters, exact_up_to=EXACT_COUNT_UP_TO
+                )
                 csv_file = query.stream_into(
                     account,
                     filters,
@@ -244,6 +242,11 @@ class ExportRunner:
                     limit=limit + 1,
                     sink=lambda stream: self._store(key, stream),
                 )
+                if csv_file.row_count > limit:  # the COPY stops one row past the cap
+                    raise TooManyRows(
+                        f"The export would have more than {limit:,} rows. "
+                        "Narrow the filters and try again."
+                    )
             except Exception as exc:
                 heartbeat.stop()
                 if heartbeat.lost or query.canceled:

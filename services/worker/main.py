@@ -34,7 +34,7 @@ log = logging.getLogger("orders_export.worker")
 #: How long a stopping worker waits for running exports before leaving them to the rescuer (ms).
 SHUTDOWN_TIMEOUT_MS = 20_000
 #: How long an idle Dramatiq consumer blocks on Redis before looking again (ms).
-CONSUMER_WAIT_MS = 200
+CONSUMER_WAIT_MS = 50
 
 
 def main() -> int:
