@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import io
+import time
 import uuid
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, BinaryIO
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import jobs
 from shared.db import transaction
+from shared.errors import StorageError
 from shared.filters import OrderFilters
 from shared.models import ExportJob, ExportState
+from shared.storage import Storage
 
 #: A legal path from queued to each state.
 PATHS: dict[ExportState, list[ExportState]] = {
@@ -64,3 +69,52 @@ def make_job(
                 {**values, "id": export_id},
             )
     return export_id
+
+
+class SlowReader(io.RawIOBase):
+    """Reads the COPY stream in small steps with a pause: a slow network to storage."""
+
+    def __init__(self, stream: BinaryIO, *, pause: float, step: int = 64 * 1024) -> None:
+        super().__init__()
+        self._stream, self._pause, self._step = stream, pause, step
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        time.sleep(self._pause)
+        data = self._stream.read(min(len(buffer), self._step))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class FaultyStorage:
+    """Local storage that can be slowed down or made to fail, for fault tests."""
+
+    def __init__(self, inner: Storage) -> None:
+        self.inner = inner
+        self.pause = 0.0
+        self.failing = False
+
+    def prepare(self) -> None:
+        self.inner.prepare()
+
+    def put(self, key: str, stream: BinaryIO) -> int:
+        if self.failing:
+            stream.read(1024 * 1024)
+            raise StorageError("object storage put failed: server unreachable")
+        if self.pause:
+            stream = SlowReader(stream, pause=self.pause)  # type: ignore[assignment]
+        return self.inner.put(key, stream)
+
+    def open(self, key: str) -> Iterator[bytes]:
+        return self.inner.open(key)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+    def exists(self, key: str) -> bool:
+        return self.inner.exists(key)
+
+    def size(self, key: str) -> int:
+        return self.inner.size(key)

@@ -19,14 +19,13 @@ from redis.retry import Retry
 from sqlalchemy import delete, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.worker.actors import EXPORTS_QUEUE, Actors, declare_actors, make_broker
+from services.worker.actors import EXPORTS_QUEUE, Actors
 from services.worker.maintenance import Maintenance
 from shared import backlog, outbox
 from shared.backlog import BacklogMonitor, ConsumerLag, read_jobs, read_queue_depth
 from shared.db import transaction
 from shared.devstack.kafka_broker import KafkaBroker
 from shared.devstack.ports import free_port
-from shared.devstack.redis import EmbeddedRedis
 from shared.events import TOPIC_REQUESTED, ExportRequested
 from shared.identity import ensure_account, upsert_user
 from shared.metrics import Backlog, BacklogCollector, JobsSnapshot
@@ -123,24 +122,6 @@ def test_outbox_pending_and_its_oldest_row(sessions: sessionmaker[Session], clea
 
     assert snapshot.outbox_pending == 2
     assert 74 <= snapshot.outbox_oldest_pending_seconds < 100
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = EmbeddedRedis(data_dir=Path(tmp_path_factory.mktemp("redis")))
-    try:
-        yield server.start()
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def actors(settings: Settings, redis_url: str, sessions: sessionmaker[Session]) -> Iterator[Actors]:
-    broker = make_broker(settings.model_copy(update={"redis_url": redis_url}))
-    try:
-        yield declare_actors(broker, runner=None, sessions=sessions)
-    finally:
-        broker.close()
 
 
 def test_queue_depth_counts_waiting_and_delayed_dramatiq_messages(

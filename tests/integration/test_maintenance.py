@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,10 +11,9 @@ import redis
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from services.worker.actors import EXPORTS_QUEUE, Actors, declare_actors, make_broker
+from services.worker.actors import EXPORTS_QUEUE, Actors
 from services.worker.maintenance import Maintenance
 from shared.db import transaction
-from shared.devstack.redis import EmbeddedRedis
 from shared.identity import ensure_account, upsert_user
 from shared.models import ExportJob, ExportState, OutboxMessage
 from shared.settings import Settings
@@ -24,28 +22,10 @@ from tests.integration.exportdata import make_job
 
 
 @pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = EmbeddedRedis(data_dir=Path(tmp_path_factory.mktemp("redis")))
-    try:
-        yield server.start()
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
 def storage(tmp_path_factory: pytest.TempPathFactory) -> Storage:
     store = storage_from_url(Path(tmp_path_factory.mktemp("files")).as_uri())
     store.prepare()
     return store
-
-
-@pytest.fixture(scope="module")
-def actors(settings: Settings, redis_url: str, sessions: sessionmaker[Session]) -> Iterator[Actors]:
-    broker = make_broker(settings.model_copy(update={"redis_url": redis_url}))
-    try:
-        yield declare_actors(broker, runner=None, sessions=sessions)
-    finally:
-        broker.close()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import textwrap
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -28,7 +28,6 @@ from shared.db import transaction
 from shared.devstack.children import python_env
 from shared.devstack.mailsink import MailSink
 from shared.devstack.ports import free_port
-from shared.errors import StorageError
 from shared.events import ExportReady
 from shared.flags import FlagCache
 from shared.identity import create_token, ensure_account, set_membership, upsert_user
@@ -39,7 +38,7 @@ from shared.seeding import seed_orders
 from shared.settings import Settings
 from shared.signing import SigningKeys, download_path
 from shared.storage import Storage, storage_from_url
-from tests.integration.exportdata import make_job
+from tests.integration.exportdata import FaultyStorage, make_job
 
 ORDERS = 400
 
@@ -61,30 +60,11 @@ class Counts:
         return value(name, **labels) - self._before[(name, tuple(sorted(labels.items())))]
 
 
-class BrokenStorage:
+def failing_storage(inner: Storage) -> FaultyStorage:
     """Local storage whose writes fail, like an object store that is down."""
-
-    def __init__(self, inner: Storage) -> None:
-        self.inner = inner
-
-    def prepare(self) -> None:
-        self.inner.prepare()
-
-    def put(self, key: str, stream: BinaryIO) -> int:
-        stream.read(64 * 1024)
-        raise StorageError("object storage unreachable")
-
-    def open(self, key: str) -> Iterator[bytes]:
-        return self.inner.open(key)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
-
-    def exists(self, key: str) -> bool:
-        return self.inner.exists(key)
-
-    def size(self, key: str) -> int:
-        return self.inner.size(key)
+    storage = FaultyStorage(inner)
+    storage.failing = True
+    return storage
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +152,7 @@ def test_a_failed_attempt_counts_its_reason_and_the_automatic_retry(
     runner = runner_with(
         settings.model_copy(update={"export_retry_backoff_seconds": 0}),
         sessions,
-        BrokenStorage(storage),
+        failing_storage(storage),
     )
     export_id = make_job(sessions, account_id=people["account"], user_id=people["admin"])
     reason = {"reason": "storage_unavailable"}

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import json
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import pytest
 from sqlalchemy import select, text
@@ -17,7 +16,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import transaction
 from shared.devstack.mailsink import MailSink
-from shared.errors import StorageError
 from shared.events import decode
 from shared.flags import FlagCache, set_flag
 from shared.identity import ensure_account, set_membership, upsert_user
@@ -26,59 +24,10 @@ from shared.notifications import Notifier
 from shared.runner import ExportRunner, Outcome
 from shared.seeding import seed_orders
 from shared.settings import Settings
-from shared.storage import Storage, storage_from_url
-from tests.integration.exportdata import make_job
+from shared.storage import storage_from_url
+from tests.integration.exportdata import FaultyStorage, make_job
 
 ORDERS = 30_000
-
-
-class SlowReader(io.RawIOBase):
-    """Reads the COPY stream in small steps with a pause: a slow network to storage."""
-
-    def __init__(self, stream: BinaryIO, *, pause: float, step: int = 64 * 1024) -> None:
-        super().__init__()
-        self._stream, self._pause, self._step = stream, pause, step
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        time.sleep(self._pause)
-        data = self._stream.read(min(len(buffer), self._step))
-        buffer[: len(data)] = data
-        return len(data)
-
-
-class FaultyStorage:
-    """Local storage that can be slowed down or made to fail, for fault tests."""
-
-    def __init__(self, inner: Storage) -> None:
-        self.inner = inner
-        self.pause = 0.0
-        self.failing = False
-
-    def prepare(self) -> None:
-        self.inner.prepare()
-
-    def put(self, key: str, stream: BinaryIO) -> int:
-        if self.failing:
-            stream.read(1024 * 1024)
-            raise StorageError("object storage put failed: server unreachable")
-        if self.pause:
-            stream = SlowReader(stream, pause=self.pause)  # type: ignore[assignment]
-        return self.inner.put(key, stream)
-
-    def open(self, key: str) -> Iterator[bytes]:
-        return self.inner.open(key)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
-
-    def exists(self, key: str) -> bool:
-        return self.inner.exists(key)
-
-    def size(self, key: str) -> int:
-        return self.inner.size(key)
 
 
 @pytest.fixture(scope="module")
