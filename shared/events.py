@@ -107,7 +107,12 @@ class ExportCanceled(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class ExportExpired(Event):
-    """The file passed its expiry and was deleted."""
+    """The file is gone: it passed its expiry, or an admin deleted it (``reason``)."""
+
+    #: "expired" (housekeeping, past ``expires_at``) or "deleted" (by ``deleted_by``).
+    reason: str = "expired"
+    #: The user (or None for support staff / the system) who deleted the file early.
+    deleted_by: int | None = None
 
 
 EVENT_TYPES: dict[str, type[Event]] = {

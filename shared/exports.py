@@ -27,13 +27,14 @@ from shared.errors import (
     TooManyRows,
     ValidationError,
 )
-from shared.events import ExportCanceled, ExportRequested
+from shared.events import ExportCanceled, ExportExpired, ExportRequested
 from shared.filters import OrderFilters, parse_filter_object
 from shared.flags import FlagCache
 from shared.models import Account, ExportJob, ExportState, Role, User
 from shared.report import count_rows, estimate_rows
 from shared.settings import Settings
 from shared.signing import SigningKeys, download_path
+from shared.storage import Storage
 
 #: Seconds a client should wait before asking again after hitting the active-export cap.
 ACTIVE_CAP_RETRY_AFTER = 30
@@ -284,6 +285,40 @@ def cancel(session: Session, *, export_id: str, user: User) -> ExportJob:
     if moved is None:
         raise Conflict(f"only queued or running exports can be canceled (this one is {job.state})")
     outbox.add(session, ExportCanceled(export_id=str(job.id), account=account.slug))
+    return moved
+
+
+def delete_file(
+    session: Session, storage: Storage, *, job: ExportJob, account: Account, actor: str,
+    deleted_by: int | None,
+) -> ExportJob:  # fmt: skip
+    """ready -> expired at once: delete the stored object, then record who deleted it.
+
+    The object is deleted before the transition and outside any row lock (a slow storage call
+    must not hold the job row); a concurrent delete or expiry makes the transition lose the race
+    and the caller gets a Conflict, the object being gone either way. The caller commits.
+    """
+    if job.state is not ExportState.READY:
+        raise Conflict(f"only ready exports have a file to delete (this one is {job.state})")
+    if job.storage_key:
+        storage.delete(job.storage_key)
+    moved = jobs.transition(
+        session,
+        job.id,
+        to=ExportState.EXPIRED,
+        expected=[ExportState.READY],
+        actor=actor,
+        detail="deleted",
+        storage_key=None,
+    )
+    if moved is None:
+        raise Conflict("the export changed state; reload and try again")
+    outbox.add(
+        session,
+        ExportExpired(
+            export_id=str(job.id), account=account.slug, reason="deleted", deleted_by=deleted_by
+        ),
+    )
     return moved
 
 
