@@ -1,5 +1,5 @@
 """Prometheus metrics of every service, defined once. Names and labels are a contract for the
-dashboard (``grafana/``) and the alert rules (``prometheus/``): PRODUCT.md section 6.
+dashboard (``grafana/``) and the alert rules (``prometheus/``): docs/contract.md.
 
 Counters and histograms are incremented by the domain code where the event happens. The
 gauges that describe waiting work (jobs per state, Dramatiq queue depth, outbox backlog,

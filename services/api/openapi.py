@@ -1,7 +1,8 @@
 """The OpenAPI 3.0 description of the JSON API, served at ``GET /openapi.json``.
 
-Written by hand from the contract in PRODUCT.md section 4 and checked against the running app by
-the schemathesis tests (tests/integration/test_openapi.py): every response must match it.
+Written by hand from the HTTP contract (README "HTTP API", docs/contract.md) and checked against
+the running app by the schemathesis tests (tests/integration/test_openapi.py): every response
+must match it.
 """
 
 from __future__ import annotations

@@ -128,7 +128,7 @@ class Stack:
         env[KAFKA_BOOTSTRAP_SERVERS] = (
             self._external(KAFKA_BOOTSTRAP_SERVERS) or self._start_kafka()
         )
-        # A restarted local consumer rejoins its group in seconds instead of 45 (ENVIRONMENT.md).
+        # A restarted local consumer rejoins its group in seconds instead of 45.
         env["KAFKA_SESSION_TIMEOUT_MS"] = os.environ.get("KAFKA_SESSION_TIMEOUT_MS") or str(
             LOCAL_KAFKA_SESSION_TIMEOUT_MS
         )

@@ -36,7 +36,7 @@ DASHBOARD = REPO_ROOT / "grafana" / "dashboards" / "orders-export.json"
 #: Demo orders; anything above the threshold is a background job (kept small: fast exports).
 ORDERS = 3000
 THRESHOLD = 100
-#: The switches must apply within this long (seconds; PRODUCT.md: "within seconds").
+#: The switches must apply within this long (seconds; docs/rollout.md: "within 5 seconds").
 SWITCH_DEADLINE = 5.0
 #: Grafana's range variables, replaced by a concrete range to run a panel's query.
 GRAFANA_RANGES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m"}

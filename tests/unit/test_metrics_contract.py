@@ -1,4 +1,4 @@
-"""The metric names and labels are a contract (PRODUCT.md section 6): dashboards and alerts use
+"""The metric names and labels are a contract (docs/contract.md): dashboards and alerts use
 them. The exposition of a process must carry exactly these names and labels."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from shared.downloads import Outcome as DownloadOutcome
 from shared.metrics import Backlog, BacklogCollector, JobsSnapshot
 from shared.settings import Settings
 
-#: name -> label names, from PRODUCT.md section 6 (plus the gauges this issue adds).
+#: name -> label names, from docs/contract.md (plus the gauges this issue adds).
 CONTRACT: dict[str, set[str]] = {
     "orders_export_jobs": {"state"},
     "orders_export_queue_depth": {"queue"},
