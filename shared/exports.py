@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from shared import jobs, outbox
+from shared import jobs, outbox, support
 from shared.access import account_for, export_for
 from shared.columns import COLUMN_SET_VERSION
 from shared.errors import (
@@ -222,16 +222,34 @@ def retry(
     session: Session, *, settings: Settings, flags: FlagCache, export_id: str, user: User
 ) -> ExportJob:
     job, account = get_for_admin(session, export_id, user)
-    if not flags.get("exports_enabled"):
+    check_retryable(job, exports_enabled=flags.get("exports_enabled"))
+    _check_active_cap(session, settings=settings, user=user)
+    return requeue(
+        session, settings=settings, job=job, account=account, actor=f"user:{user.id}",
+        requested_by=user.id,
+    )  # fmt: skip
+
+
+def check_retryable(job: ExportJob, *, exports_enabled: bool) -> None:
+    """The rule for every retry, by a user or by support: switch on, a retryable state."""
+    if not exports_enabled:
         raise ExportsDisabled("exports are switched off for now")
     if job.state not in jobs.RETRYABLE_FROM:
         raise Conflict(
             f"only failed, canceled or expired exports can be retried (this one is {job.state})"
         )
-    _check_active_cap(session, settings=settings, user=user)
+
+
+def requeue(
+    session: Session, *, settings: Settings, job: ExportJob, account: Account, actor: str,
+    requested_by: int,
+) -> ExportJob:  # fmt: skip
+    """Put a checked export back in the queue (the caller ran :func:`check_retryable`)."""
     try:
         with session.begin_nested():
-            moved = _requeue(session, settings=settings, job=job, user=user)
+            moved = _requeue(
+                session, settings=settings, job=job, actor=actor, requested_by=requested_by
+            )
     except IntegrityError:  # the unique in-flight index: an identical export is running
         raise Conflict("an identical export of yours is already queued or running") from None
     if moved is None:
@@ -241,18 +259,18 @@ def retry(
 
 
 def _requeue(
-    session: Session, *, settings: Settings, job: ExportJob, user: User
+    session: Session, *, settings: Settings, job: ExportJob, actor: str, requested_by: int
 ) -> ExportJob | None:
     return jobs.transition(
         session,
         job.id,
         to=ExportState.QUEUED,
         expected=jobs.RETRYABLE_FROM,
-        actor=f"user:{user.id}",
+        actor=actor,
         detail="retry",
         attempts=0,
         max_attempts=settings.export_max_attempts,
-        requested_by=user.id,
+        requested_by=requested_by,
         enqueued_at=func.now(),
         error_code=None,
         error_message=None,
@@ -272,12 +290,17 @@ def _requeue(
 
 def cancel(session: Session, *, export_id: str, user: User) -> ExportJob:
     job, account = get_for_admin(session, export_id, user)
+    return cancel_job(session, job=job, account=account, actor=f"user:{user.id}")
+
+
+def cancel_job(session: Session, *, job: ExportJob, account: Account, actor: str) -> ExportJob:
+    """The rule for every cancel, by a user or by support: only queued or running exports."""
     moved = jobs.transition(
         session,
         job.id,
         to=ExportState.CANCELED,
         expected=jobs.ACTIVE,
-        actor=f"user:{user.id}",
+        actor=actor,
         detail="cancel",
         finished_at=func.now(),
         lease_expires_at=None,
@@ -390,4 +413,5 @@ def to_json(
         "error": error,
         "download_url": download_url,
         "file": file,
+        "verdict": support.diagnose(job, now=now).verdict.value,
     }

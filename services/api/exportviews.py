@@ -19,7 +19,7 @@ from starlette.responses import Response
 
 from services.api.auth import Caller, csrf_token, identify
 from services.api.errors import status_for
-from shared import exports
+from shared import exports, support
 from shared.errors import NotFound, OrdersExportError, Unauthenticated
 from shared.filters import DEFAULT_SORT, SORT_LABELS, OrderFilters, from_snapshot
 from shared.models import Account, ExportJob, Role
@@ -119,6 +119,10 @@ class ExportUi:
     poll_url: str
     extra: dict[str, Any] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=lambda: dict(STATE_LABELS))
+    #: The support verdict (``shared.support.diagnose``) in the account admin's words.
+    verdicts: dict[str, str] = field(
+        default_factory=lambda: {v.value: words for v, words in support.USER_WORDS.items()}
+    )
 
     def local_time(self, iso: str | None) -> str:
         if not iso:
@@ -160,7 +164,10 @@ class ExportUi:
         """Changes when an item must be drawn anew (the script compares it)."""
         error = export.get("error") or {}
         link = 1 if export.get("download_url") else 0
-        return f"{export['state']}|{error.get('code', '')}|{export['attempts']}|{link}"
+        return (
+            f"{export['state']}|{error.get('code', '')}|{export['attempts']}|"
+            f"{export['verdict']}|{link}"
+        )
 
     def report_url(self, export: dict[str, Any]) -> str:
         """The report with the export's filters, to look at them again or change them."""
@@ -180,6 +187,7 @@ class ExportUi:
             "labels": self.labels,
             "sort_labels": SORT_LABELS,
             "hints": HINTS,
+            "verdicts": self.verdicts,
             "narrow_codes": sorted(NARROW_CODES),
             "requested": {str(k): v for k, v in REQUESTED.items()},
             "messages": MESSAGES,

@@ -16,6 +16,7 @@ from shared.columns import COLUMNS
 from shared.filters import MAX_Q_LENGTH, SORTS
 from shared.models import ORDER_CHANNELS, ORDER_STATUSES, ExportState
 from shared.report import MAX_PAGE_SIZE
+from shared.support import Verdict
 
 _DATE = {"type": "string", "format": "date", "example": "2025-03-01"}
 _DECIMAL = {"type": "string", "pattern": r"^-?\d+(\.\d+)?$", "example": "125.50"}
@@ -133,6 +134,7 @@ def _schemas() -> dict[str, Any]:
             "error",
             "download_url",
             "file",
+            "verdict",
         ],
         "properties": {
             "id": {"type": "string", "format": "uuid"},
@@ -175,6 +177,7 @@ def _schemas() -> dict[str, Any]:
                     "sha256": {"type": "string"},
                 },
             },
+            "verdict": {"type": "string", "enum": [v.value for v in Verdict]},
         },
     }
     return {

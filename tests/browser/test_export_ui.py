@@ -200,12 +200,14 @@ def test_storage_outage_fails_with_its_reason_and_retry_works(page: Page, stack:
         "The file could not be stored on any attempt. Retry the export in a few minutes."
     )
     expect(item.locator(".hint")).to_contain_text("retry the export")
+    expect(item.locator(".verdict")).to_have_text("you can fix it")  # support's verdict, drawn live
     expect(page.locator("#export-message")).to_contain_text("Export failed")
     # When storage is back and the admin clicks Retry
     item.get_by_role("button", name="Retry").click()
     # Then the same export runs again and becomes ready, still without a reload
     expect(item).to_have_attribute("data-state", "ready", timeout=STATE_TIMEOUT_MS)
     expect(item.get_by_role("link", name="Download CSV")).to_be_visible()
+    expect(item.locator(".verdict")).to_have_text("fine")
     assert_not_reloaded(page)
 
 

@@ -440,3 +440,62 @@ def test_expired_file_lands_on_the_export_page_with_re_export(
     api = TestClient(app, base_url="http://127.0.0.1")
     response = api.get(link, headers={"Authorization": f"Bearer {population.tokens['admin']}"})
     assert response.status_code == 404  # queued again: no file (JSON as before)
+
+
+@pytest.mark.parametrize(
+    ("state", "values", "verdict", "words"),
+    [
+        (ExportState.READY, {}, "fine", "fine"),
+        (ExportState.QUEUED, {}, "fine", "fine"),
+        (
+            ExportState.FAILED,
+            {"error_code": "query_timeout", "error_class": "user"},
+            "user_can_fix",
+            "you can fix it",
+        ),
+        (
+            ExportState.FAILED,
+            {"error_code": "storage_unavailable", "error_class": "retryable"},
+            "user_can_fix",
+            "you can fix it",
+        ),
+        (
+            ExportState.FAILED,
+            {"error_code": "internal_error", "error_class": "engineering"},
+            "needs_engineering",
+            "we are on it",
+        ),
+    ],
+)
+def test_page_and_api_give_the_support_verdict_in_the_users_words(
+    app: Starlette,
+    sessions: sessionmaker[Session],
+    population: Population,
+    state: ExportState,
+    values: dict[str, Any],
+    verdict: str,
+    words: str,
+) -> None:
+    from shared import support
+
+    # Given an export in some state
+    export_id = make_job(
+        sessions,
+        account_id=population.account_id,
+        user_id=user_id(sessions, "admin@acme.test"),
+        state=state,
+        **values,
+    )
+    with sessions() as session:
+        job = session.get_one(ExportJob, export_id)
+        expected = support.diagnose(job, now=dt.datetime.now(dt.UTC)).verdict
+    assert expected.value == verdict  # the one verdict support reads
+    admin = browser(app, "admin@acme.test")
+    # When the admin looks at its page and at the JSON API the script draws from
+    page = admin.get(f"/exports/{export_id}")
+    body = admin.get(f"/api/v1/order-exports/{export_id}", headers={"Accept": "application/json"})
+    # Then both carry the same verdict, in the user's words
+    assert body.json()["export"]["verdict"] == verdict
+    assert f'<span class="verdict verdict-{verdict}">{words}</span>' in page.text
+    assert config_of(page.text)["verdicts"][verdict] == words
+    cancel_all(sessions)

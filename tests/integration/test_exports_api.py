@@ -372,7 +372,7 @@ def test_export_detail_and_list_are_for_admins_of_the_account(
     )
     assert set(listing[0]) == {
         "id", "account", "state", "filters", "row_count", "progress", "attempts", "created_at",
-        "started_at", "finished_at", "expires_at", "error", "download_url", "file",
+        "started_at", "finished_at", "expires_at", "error", "download_url", "file", "verdict",
     }  # fmt: skip
     assert dt.datetime.fromisoformat(listing[0]["created_at"]).utcoffset() is not None
 

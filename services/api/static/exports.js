@@ -80,7 +80,7 @@
     return `/accounts/${e.account}/orders` + (text ? `?${text}` : "");
   }
 
-  const key = (e) => `${e.state}|${e.error ? e.error.code : ""}|${e.attempts}|${e.download_url ? 1 : 0}`;
+  const key = (e) => `${e.state}|${e.error ? e.error.code : ""}|${e.attempts}|${e.verdict}|${e.download_url ? 1 : 0}`;
 
   // -- drawing -----------------------------------------------------------------------------
 
@@ -149,6 +149,7 @@
     return el("li", { class: "export", id: `export-${e.id}`, "data-id": e.id, "data-state": e.state, "data-key": key(e) },
       el("div", { class: "export-head" },
         el("span", { class: `badge badge-${e.state}`, text: config.labels[e.state] }),
+        el("span", { class: `verdict verdict-${e.verdict}`, text: config.verdicts[e.verdict] }),
         el("a", { class: "export-title", href: `/exports/${e.id}`, text: summary(e.filters) }),
         el("span", { class: "muted export-when", text: `requested ${localTime(e.created_at)}` })),
       detail(e),
