@@ -71,6 +71,12 @@ class TooManyAttempts(OrdersExportError):
         self.retry_after = retry_after
 
 
+class BodyTooLarge(OrdersExportError):
+    """The request body is larger than MAX_REQUEST_BODY_BYTES."""
+
+    code = "body_too_large"
+
+
 class Conflict(OrdersExportError):
     """The action does not fit the current state (e.g. retrying a running export)."""
 

@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     #: Failed logins per email within ``login_throttle_window_seconds`` before refusing.
     login_max_failures: int = Field(5, ge=1)
     login_throttle_window_seconds: int = Field(300, ge=1)
+    #: Largest request body the API reads (bytes); beyond it ``413 body_too_large``.
+    max_request_body_bytes: int = Field(65536, ge=1024)
+    #: Exports made inside the request (small ones) one user may start per minute.
+    export_max_inline_per_minute: int = Field(10, ge=1)
 
     @field_validator("database_url", "export_database_url")
     @classmethod

@@ -79,7 +79,7 @@ def verify(
     """Raise BadSignature for any tampering, LinkExpired for a genuine link past its expiry."""
     kid, _, mac = signature.partition(".")
     key = keys.keys.get(kid)
-    if key is None or not expires.isdigit() or len(expires) > 12:
+    if key is None or not (expires.isascii() and expires.isdigit()) or len(expires) > 12:
         raise BadSignature("invalid download link")
     expected = _mac(key, export_id, user_id, int(expires))
     if not hmac.compare_digest(expected.encode(), mac.encode()):

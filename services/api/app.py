@@ -17,7 +17,7 @@ from starlette.templating import Jinja2Templates
 
 from services.api import exports, health, login, openapi, pages, report
 from services.api.errors import handle_domain_error, handle_http_exception
-from services.api.middleware import SecurityHeadersMiddleware
+from services.api.middleware import BodyLimitMiddleware, SecurityHeadersMiddleware
 from shared import downloads
 from shared.db import make_engine, make_sessionmaker
 from shared.errors import OrdersExportError
@@ -67,6 +67,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     ]
     middleware = [
         Middleware(SecurityHeadersMiddleware, hsts=settings.session_cookie_secure),
+        Middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes),
         Middleware(
             SessionMiddleware,
             secret_key=settings.secret_key,

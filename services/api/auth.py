@@ -99,6 +99,12 @@ def require_caller(
     return caller
 
 
+def authenticated(request: Request) -> Caller | None:
+    """The caller, looked up before a request body is read (anonymous bodies stay unread)."""
+    with request.app.state.sessions() as session:
+        return identify(request, session)
+
+
 def login_redirect(request: Request) -> RedirectResponse:
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)

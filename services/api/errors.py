@@ -19,6 +19,7 @@ STATUS_BY_ERROR: dict[type[errors.OrdersExportError], int] = {
     errors.TooManyAttempts: 429,
     errors.TooManyActiveExports: 429,
     errors.TooManyRows: 422,
+    errors.BodyTooLarge: 413,
     errors.Conflict: 409,
     errors.LinkExpired: 410,
     errors.FileExpired: 410,

@@ -6,6 +6,7 @@ import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -15,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from services.api import exportviews
-from services.api.auth import Caller, login_redirect, require_caller
+from services.api.auth import Caller, authenticated, login_redirect, require_caller
 from services.api.errors import wants_html
 from shared import downloads, exports
 from shared.db import transaction
@@ -83,9 +84,12 @@ async def _json_body(request: Request) -> object:
     if not raw:
         return {}
     try:
-        return json.loads(raw)
+        # Decimal keeps a number's exact text (1e-20000 must not quietly become 0.0).
+        return json.loads(raw, parse_float=Decimal)
     except (ValueError, UnicodeDecodeError):
         raise ValidationError("body", "invalid JSON") from None
+    except RecursionError:
+        raise ValidationError("body", "JSON nested too deeply") from None
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,8 @@ def _create(
 
 
 async def create_export(request: Request) -> Response:
+    if await run_in_threadpool(authenticated, request) is None:  # before reading the body
+        raise Unauthenticated("log in or send a bearer token")
     body = await _json_body(request)
     idempotency_key = request.headers.get("idempotency-key")
     payload, status = await run_in_threadpool(_create, request, body, idempotency_key)
