@@ -77,6 +77,16 @@ class BodyTooLarge(OrdersExportError):
     code = "body_too_large"
 
 
+class Overloaded(OrdersExportError):
+    """The process is busy with as much of this work as it takes at once (e.g. password checks)."""
+
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.retry_after = retry_after
+
+
 class Conflict(OrdersExportError):
     """The action does not fit the current state (e.g. retrying a running export)."""
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import math
 import secrets
+from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -12,7 +14,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from shared.errors import NotFound, ValidationError
+from shared.errors import NotFound, TooManyAttempts, ValidationError
 from shared.models import Account, ApiToken, LoginAttempt, Membership, Role, User
 
 #: Prefix of every bearer token, so leaked tokens are recognisable by secret scanners.
@@ -53,21 +55,75 @@ def authenticate(session: Session, email: str, password: str) -> User | None:
     return user
 
 
-def recent_login_failures(session: Session, email: str, *, window_seconds: int) -> int:
+#: Advisory lock namespaces (first key of ``pg_advisory_xact_lock(int, int)``).
+_LOCK_LOGIN_CLIENT = 0x4C43  # "LC"
+_LOCK_LOGIN_EMAIL = 0x4C45  # "LE"
+
+
+def _normal_email(email: str) -> str:
+    return email.strip().lower()[:320]
+
+
+def _retry_after(session: Session, condition: Any, *, window_seconds: int) -> int:
+    """Seconds until the oldest counted attempt leaves the window (at least 1)."""
+    oldest = session.scalar(select(func.min(LoginAttempt.attempted_at)).where(condition))
+    if oldest is None:
+        return window_seconds
+    left = (oldest + dt.timedelta(seconds=window_seconds)) - dt.datetime.now(dt.UTC)
+    return max(1, math.ceil(left.total_seconds()))
+
+
+def reserve_login_check(
+    session: Session,
+    *,
+    email: str,
+    client: str,
+    max_per_email: int,
+    max_per_client: int,
+    window_seconds: int,
+) -> int:
+    """Count this login as a failure *before* the password is checked, or refuse it.
+
+    The client's and the email's advisory locks (always taken in that order) make count and
+    insert one step, so under any burst at most ``max_per_email`` checks per email and
+    ``max_per_client`` per client start within a window. The caller commits at once (releasing
+    the locks), checks the password, and on success calls :func:`clear_login_failures`.
+    Returns the reserved row's id.
+    """
+    email_key = _normal_email(email)
+    address = client[:100]
+    session.execute(select(func.pg_advisory_xact_lock(_LOCK_LOGIN_CLIENT, func.hashtext(address))))
+    session.execute(select(func.pg_advisory_xact_lock(_LOCK_LOGIN_EMAIL, func.hashtext(email_key))))
     since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=window_seconds)
-    return int(
-        session.scalar(
-            select(func.count())
-            .select_from(LoginAttempt)
-            .where(func.lower(LoginAttempt.email) == email.strip().lower())
-            .where(LoginAttempt.attempted_at >= since)
-        )
-        or 0
+    for condition, limit in (
+        (func.lower(LoginAttempt.email) == email_key, max_per_email),
+        (LoginAttempt.client == address, max_per_client),
+    ):
+        recent = condition & (LoginAttempt.attempted_at >= since)
+        count = session.scalar(select(func.count()).select_from(LoginAttempt).where(recent))
+        if int(count or 0) >= limit:
+            raise TooManyAttempts(
+                "too many failed logins; try again later",
+                retry_after=_retry_after(session, recent, window_seconds=window_seconds),
+            )
+    attempt = LoginAttempt(email=email_key, client=address)
+    session.add(attempt)
+    session.flush()
+    return attempt.id
+
+
+def clear_login_failures(session: Session, email: str) -> None:
+    """A successful login: that email's failures (and the pending reservation) are gone."""
+    session.execute(
+        delete(LoginAttempt).where(func.lower(LoginAttempt.email) == _normal_email(email))
     )
 
 
-def record_login_failure(session: Session, email: str) -> None:
-    session.add(LoginAttempt(email=email.strip().lower()[:320]))
+def prune_login_failures(session: Session, *, window_seconds: int) -> int:
+    """Delete failures older than the throttle window (they no longer count); how many."""
+    since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=window_seconds)
+    result = session.execute(delete(LoginAttempt).where(LoginAttempt.attempted_at < since))
+    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 def ensure_account(

@@ -5,6 +5,8 @@ Everything else receives a :class:`Settings` instance; tests build one directly.
 
 from __future__ import annotations
 
+import ipaddress
+
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -82,10 +84,26 @@ class Settings(BaseSettings):
     #: Failed logins per email within ``login_throttle_window_seconds`` before refusing.
     login_max_failures: int = Field(5, ge=1)
     login_throttle_window_seconds: int = Field(300, ge=1)
+    #: Failed logins per client address within the same window, whatever the emails.
+    login_max_failures_per_client: int = Field(20, ge=1)
+    #: Password checks (argon2: ~0.2 s CPU, 64 MiB each) one API process runs at once; more
+    #: logins at that moment get ``503`` with ``Retry-After``.
+    login_max_concurrent_checks: int = Field(4, ge=1, le=64)
+    #: Proxies whose ``X-Forwarded-For`` is believed (comma-separated IPs or CIDRs; unset: the
+    #: header is ignored and the TCP peer is the client).
+    trusted_proxies: str | None = None
     #: Largest request body the API reads (bytes); beyond it ``413 body_too_large``.
     max_request_body_bytes: int = Field(65536, ge=1024)
     #: Exports made inside the request (small ones) one user may start per minute.
     export_max_inline_per_minute: int = Field(10, ge=1)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: str | None) -> str | None:
+        if value:
+            for item in value.split(","):
+                ipaddress.ip_network(item.strip(), strict=False)  # ValueError names the entry
+        return value
 
     @field_validator("database_url", "export_database_url")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from services.api import exports, health, login, openapi, pages, report
+from services.api.clients import trusted_networks
 from services.api.errors import handle_domain_error, handle_http_exception
 from services.api.middleware import BodyLimitMiddleware, SecurityHeadersMiddleware
 from shared import downloads
@@ -98,4 +100,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.storage = None
     app.state.runner = None
     app.state.templates = Jinja2Templates(env=environment)
+    app.state.trusted_proxies = trusted_networks(settings.trusted_proxies)
+    app.state.password_checks = threading.BoundedSemaphore(settings.login_max_concurrent_checks)
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from urllib.parse import urlsplit
 
 from starlette.concurrency import run_in_threadpool
@@ -9,9 +10,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from services.api.auth import CSRF_FIELD, csrf_token, require_caller, safe_next, start_session
+from services.api.clients import client_address
 from services.api.errors import redirect
-from shared.errors import Forbidden, TooManyAttempts
-from shared.identity import authenticate, recent_login_failures, record_login_failure
+from shared.errors import Forbidden, Overloaded
+from shared.identity import authenticate, clear_login_failures, reserve_login_check
 from shared.models import User
 
 
@@ -39,19 +41,27 @@ async def login_form(request: Request) -> Response:
 
 def _login(request: Request, email: str, password: str) -> User | None:
     settings = request.app.state.settings
-    with request.app.state.sessions() as session, session.begin():
-        failures = recent_login_failures(
-            session, email, window_seconds=settings.login_throttle_window_seconds
-        )
-        if failures >= settings.login_max_failures:
-            raise TooManyAttempts(
-                "too many failed logins; try again later",
-                retry_after=settings.login_throttle_window_seconds,
+    checks: threading.BoundedSemaphore = request.app.state.password_checks
+    if not checks.acquire(blocking=False):  # never a pile-up of argon2 threads and memory
+        raise Overloaded("too many logins at this moment; try again shortly", retry_after=1)
+    try:
+        with request.app.state.sessions() as session, session.begin():
+            reserve_login_check(
+                session,
+                email=email,
+                client=client_address(request),
+                max_per_email=settings.login_max_failures,
+                max_per_client=settings.login_max_failures_per_client,
+                window_seconds=settings.login_throttle_window_seconds,
             )
-        user = authenticate(session, email, password)
-        if user is None:
-            record_login_failure(session, email)
-        return user
+        # Committed: the reservation counts for every concurrent attempt from here on.
+        with request.app.state.sessions() as session, session.begin():
+            user = authenticate(session, email, password)
+            if user is not None:
+                clear_login_failures(session, email)
+            return user
+    finally:
+        checks.release()
 
 
 async def login(request: Request) -> Response:
