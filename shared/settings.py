@@ -81,6 +81,10 @@ class Settings(BaseSettings):
 
     #: Send the session cookie only over HTTPS (turn on behind TLS).
     session_cookie_secure: bool = False
+    #: A browser session unused for this long ends (seconds, 8 hours).
+    session_idle_seconds: int = Field(28_800, ge=60)
+    #: Every browser session ends this long after login, however active (seconds, 14 days).
+    session_lifetime_seconds: int = Field(14 * 24 * 3600, ge=60)
     #: Failed logins per email within ``login_throttle_window_seconds`` before refusing.
     login_max_failures: int = Field(5, ge=1)
     login_throttle_window_seconds: int = Field(300, ge=1)

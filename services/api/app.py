@@ -27,10 +27,9 @@ from shared.flags import FlagCache
 from shared.settings import Settings, load_settings
 
 HERE = Path(__file__).parent
-#: Name of the session cookie.
+#: Name of the session cookie (signed; holds the server-side session's random id and the CSRF
+#: token, see services/api/auth.py).
 SESSION_COOKIE = "oex_session"
-#: Lifetime of a browser session (seconds, 14 days).
-SESSION_MAX_AGE = 14 * 24 * 3600
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -74,7 +73,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             SessionMiddleware,
             secret_key=settings.secret_key,
             session_cookie=SESSION_COOKIE,
-            max_age=SESSION_MAX_AGE,
+            max_age=settings.session_lifetime_seconds,
             same_site="lax",
             https_only=settings.session_cookie_secure,
         ),
