@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import ConfigurationError
@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     #: Download link keys, ``kid:secret[,kid:secret...]``; the first signs, all verify.
     #: Unset: one key derived from SECRET_KEY (kid ``k0``).
     download_signing_keys: str | None = None
+    #: While DOWNLOAD_SIGNING_KEYS is set, still accept links signed by the key derived from
+    #: SECRET_KEY (kid ``k0``, verify-only); turn off once those links have expired.
+    download_signing_keep_derived: bool = True
+    #: Days the download audit trail (``download_attempts``) is kept.
+    audit_retention_days: int = Field(400, ge=1)
     #: Kafka consumer session timeout (ms); lower it locally so restarts rejoin quickly.
     kafka_session_timeout_ms: int = Field(45_000, ge=1000)
     #: Sender of notification emails.
@@ -100,6 +105,16 @@ class Settings(BaseSettings):
     max_request_body_bytes: int = Field(65536, ge=1024)
     #: Exports made inside the request (small ones) one user may start per minute.
     export_max_inline_per_minute: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _signing_keys(self) -> Settings:
+        from shared.signing import SigningKeys
+
+        try:
+            SigningKeys.from_settings(self)
+        except ConfigurationError as exc:
+            raise ValueError(exc.message) from None
+        return self
 
     @field_validator("trusted_proxies")
     @classmethod

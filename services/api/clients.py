@@ -47,3 +47,20 @@ def client_address(request: Request) -> str:
             except ValueError:
                 return peer  # garbage from a client behind the proxy: fall back to the proxy
     return peer
+
+
+def public_origin(request: Request) -> str:
+    """The base of absolute URLs (links, static assets): PUBLIC_URL, else the address the server
+    listens on. Never the Host header, which the client chooses."""
+    public_url: str | None = request.app.state.settings.public_url
+    if public_url:
+        return public_url.rstrip("/") + "/"
+    scheme = request.url.scheme
+    server = request.scope.get("server")
+    if not server:
+        return "/"
+    host, port = server[0], server[1]
+    if ":" in host:
+        host = f"[{host}]"
+    default = {"http": 80, "https": 443}.get(scheme)
+    return f"{scheme}://{host}" + ("" if port in (None, default) else f":{port}") + "/"

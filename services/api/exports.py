@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from services.api import exportviews
 from services.api.auth import Caller, authenticated, login_redirect, require_caller
+from services.api.clients import public_origin
 from services.api.errors import wants_html
 from shared import downloads, exports
 from shared.db import transaction
@@ -33,6 +34,8 @@ from shared.runner import ExportRunner, Outcome
 from shared.signing import SigningKeys
 from shared.storage import Storage, storage_from_url
 
+#: Responses that carry signed download links are never stored by caches.
+NO_STORE = {"Cache-Control": "no-store"}
 #: Guards the lazy construction below (the report alone needs no storage).
 _build_lock = threading.RLock()
 
@@ -64,7 +67,7 @@ def runner_of(app: Starlette) -> ExportRunner:
 
 
 def _base_url(request: Request) -> str:
-    return str(request.base_url)
+    return public_origin(request)
 
 
 def _export_body(
@@ -156,7 +159,7 @@ async def create_export(request: Request) -> Response:
     body = await _json_body(request)
     idempotency_key = request.headers.get("idempotency-key")
     payload, status = await run_in_threadpool(_create, request, body, idempotency_key)
-    return JSONResponse(payload, status)
+    return JSONResponse(payload, status, headers=NO_STORE)
 
 
 def _list(request: Request) -> dict[str, Any]:
@@ -167,7 +170,7 @@ def _list(request: Request) -> dict[str, Any]:
 
 
 async def list_exports(request: Request) -> Response:
-    return JSONResponse(await run_in_threadpool(_list, request))
+    return JSONResponse(await run_in_threadpool(_list, request), headers=NO_STORE)
 
 
 def _detail(request: Request) -> dict[str, Any]:
@@ -178,7 +181,7 @@ def _detail(request: Request) -> dict[str, Any]:
 
 
 async def get_export(request: Request) -> Response:
-    return JSONResponse(await run_in_threadpool(_detail, request))
+    return JSONResponse(await run_in_threadpool(_detail, request), headers=NO_STORE)
 
 
 def act(
@@ -208,11 +211,11 @@ def _act(request: Request, action: str) -> dict[str, Any]:
 
 
 async def retry_export(request: Request) -> Response:
-    return JSONResponse(await run_in_threadpool(_act, request, "retry"), 202)
+    return JSONResponse(await run_in_threadpool(_act, request, "retry"), 202, headers=NO_STORE)
 
 
 async def cancel_export(request: Request) -> Response:
-    return JSONResponse(await run_in_threadpool(_act, request, "cancel"), 202)
+    return JSONResponse(await run_in_threadpool(_act, request, "cancel"), 202, headers=NO_STORE)
 
 
 @dataclass(frozen=True)
