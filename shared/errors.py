@@ -115,6 +115,12 @@ class TooManyActiveExports(OrdersExportError):
         self.retry_after = retry_after
 
 
+class TooManyInlineExports(TooManyActiveExports):
+    """The user started EXPORT_MAX_INLINE_PER_MINUTE exports inside requests in the last minute."""
+
+    code = "too_many_inline_exports"
+
+
 class TooManyRows(OrdersExportError):
     """The export would exceed the hard row cap (never silently truncated)."""
 
