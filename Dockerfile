@@ -1,5 +1,5 @@
 # One image for every service of orders-export (api, relay, worker, notifier, migrate).
-FROM python:3.11-slim
+FROM python:3.11.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 WORKDIR /app
 COPY pyproject.toml README.md ./

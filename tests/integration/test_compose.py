@@ -126,6 +126,8 @@ def test_the_production_example_is_hardened(compose: dict[str, Any]) -> None:
     assert "--no-proxy-headers" in api["command"]  # X-Forwarded-For only via TRUSTED_PROXIES
     dockerfile = (REPO_ROOT / "Dockerfile").read_text()
     assert '"--no-proxy-headers"' in dockerfile
+    (base,) = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("FROM ")]
+    assert base.count(".") >= 2, base  # the base image too: a patch version, not a series
 
 
 def test_app_services_wait_for_their_dependencies(compose: dict[str, Any]) -> None:
