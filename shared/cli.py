@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from sqlalchemy.orm import Session
 
 from shared.errors import ConfigurationError, Conflict, ExportsDisabled, NotFound, OrdersExportError
-from shared.models import ExportState, Role
+from shared.models import ExportState, Role, User
 from shared.settings import Settings, load_settings
 
 #: Exit status for bad usage or configuration.
@@ -53,17 +53,17 @@ def _timezone(name: str) -> str:
     return name
 
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return value
-
-
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
     return value
 
 
@@ -157,14 +157,61 @@ def cmd_users_remove(args: argparse.Namespace) -> int:
     return _session_scope(load_settings(), work)
 
 
+def _user(session: Session, email: str) -> User:
+    from shared.identity import find_user
+
+    user = find_user(session, email)
+    if user is None:
+        raise NotFound(f"no user {email}")
+    return user
+
+
 def cmd_tokens_create(args: argparse.Namespace) -> int:
-    from shared.identity import create_token, find_user
+    from shared.identity import create_token
 
     def work(session: Session) -> int:
-        user = find_user(session, args.email)
-        if user is None:
-            raise NotFound(f"no user {args.email}")
-        print(create_token(session, user))
+        user = _user(session, args.email)
+        print(create_token(session, user, expires_in_days=args.expires_in))
+        return 0
+
+    return _session_scope(load_settings(), work)
+
+
+def _stamp(moment: dt.datetime | None) -> str:
+    return "never" if moment is None else moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def cmd_tokens_list(args: argparse.Namespace) -> int:
+    from shared.identity import tokens_of
+
+    def work(session: Session) -> int:
+        user = _user(session, args.email)
+        print("id\tprefix\tcreated\tlast_used\texpires\trevoked")
+        for token in tokens_of(session, user):
+            print(
+                "\t".join(
+                    [
+                        str(token.id),
+                        token.prefix or "-",
+                        _stamp(token.created_at),
+                        _stamp(token.last_used_at),
+                        _stamp(token.expires_at),
+                        "-" if token.revoked_at is None else _stamp(token.revoked_at),
+                    ]
+                )
+            )
+        return 0
+
+    return _session_scope(load_settings(), work)
+
+
+def cmd_tokens_revoke(args: argparse.Namespace) -> int:
+    from shared.identity import revoke_tokens
+
+    def work(session: Session) -> int:
+        user = _user(session, args.email)
+        count = revoke_tokens(session, user, token_id=args.id)
+        print(f"revoked {count} token(s) of {user.email}", file=sys.stderr)
         return 0
 
     return _session_scope(load_settings(), work)
@@ -502,7 +549,26 @@ def build_parser() -> argparse.ArgumentParser:
     token_commands = tokens.add_subparsers(dest="tokens_command", required=True, metavar="ACTION")
     token_create = token_commands.add_parser("create", help="print a new bearer token for a user")
     token_create.add_argument("--email", required=True)
+    token_create.add_argument(
+        "--expires-in",
+        type=_positive,
+        metavar="DAYS",
+        help="the token stops working after DAYS days (default: never)",
+    )
     token_create.set_defaults(handler=cmd_tokens_create)
+    token_list = token_commands.add_parser(
+        "list",
+        help="list a user's tokens: id, prefix, created, last used, expires, revoked "
+        "(never the token itself)",
+    )
+    token_list.add_argument("--email", required=True)
+    token_list.set_defaults(handler=cmd_tokens_list)
+    token_revoke = token_commands.add_parser(
+        "revoke", help="revoke all of a user's tokens, or one with --id (takes effect at once)"
+    )
+    token_revoke.add_argument("--email", required=True)
+    token_revoke.add_argument("--id", type=int, help="the token's id (from 'tokens list')")
+    token_revoke.set_defaults(handler=cmd_tokens_revoke)
 
     flags = commands.add_parser("flags", help="rollout switches (exports_enabled, workers_paused)")
     flag_commands = flags.add_subparsers(dest="flags_command", required=True, metavar="ACTION")

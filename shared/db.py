@@ -32,6 +32,8 @@ def make_engine(database_url: str, *, pool_size: int = POOL_SIZE) -> Engine:
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
+        # Errors and logs show the SQL, never the values (emails, tokens' digests, filters).
+        hide_parameters=True,
     )
 
 

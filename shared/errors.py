@@ -71,6 +71,22 @@ class TooManyAttempts(OrdersExportError):
         self.retry_after = retry_after
 
 
+class BodyTooLarge(OrdersExportError):
+    """The request body is larger than MAX_REQUEST_BODY_BYTES."""
+
+    code = "body_too_large"
+
+
+class Overloaded(OrdersExportError):
+    """The process is busy with as much of this work as it takes at once (e.g. password checks)."""
+
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.retry_after = retry_after
+
+
 class Conflict(OrdersExportError):
     """The action does not fit the current state (e.g. retrying a running export)."""
 
@@ -97,6 +113,12 @@ class TooManyActiveExports(OrdersExportError):
     def __init__(self, message: str, *, retry_after: int) -> None:
         super().__init__(message, retry_after=retry_after)
         self.retry_after = retry_after
+
+
+class TooManyInlineExports(TooManyActiveExports):
+    """The user started EXPORT_MAX_INLINE_PER_MINUTE exports inside requests in the last minute."""
+
+    code = "too_many_inline_exports"
 
 
 class TooManyRows(OrdersExportError):

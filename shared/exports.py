@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from shared.errors import (
     ExportsDisabled,
     NotFound,
     TooManyActiveExports,
+    TooManyInlineExports,
     TooManyRows,
     ValidationError,
 )
@@ -118,6 +120,33 @@ def _check_active_cap(session: Session, *, settings: Settings, user: User) -> No
         )
 
 
+#: The window of EXPORT_MAX_INLINE_PER_MINUTE (seconds).
+INLINE_WINDOW_SECONDS = 60
+
+
+def _check_inline_rate(session: Session, *, settings: Settings, user: User) -> None:
+    """Exports made inside requests (``enqueued_at`` never set) in the last minute, per user.
+    Runs under the user-row lock, so a burst cannot get past it."""
+    since = func.now() - dt.timedelta(seconds=INLINE_WINDOW_SECONDS)
+    recent = (
+        ExportJob.requested_by == user.id,
+        ExportJob.enqueued_at.is_(None),
+        ExportJob.created_at > since,
+    )
+    count, oldest = session.execute(
+        select(func.count(), func.min(ExportJob.created_at)).where(*recent)
+    ).one()
+    limit = settings.export_max_inline_per_minute
+    if count >= limit:
+        now = session.scalar(select(func.now()))
+        assert oldest is not None and now is not None
+        left = INLINE_WINDOW_SECONDS - (now - oldest).total_seconds()
+        raise TooManyInlineExports(
+            f"you started {limit} exports in the last minute; try again shortly",
+            retry_after=max(1, min(INLINE_WINDOW_SECONDS, math.ceil(left))),
+        )
+
+
 def request_export(
     session: Session,
     *,
@@ -131,7 +160,8 @@ def request_export(
     """Validate and record an export request (the caller commits).
 
     Order of checks: admin of the account (404 / 403), switch on (503), valid input (422),
-    idempotent replay or duplicate in flight (existing export), per-user cap (429).
+    idempotent replay or duplicate in flight (existing export), per-user cap (429), row cap
+    (422), and for a small export made in the request EXPORT_MAX_INLINE_PER_MINUTE (429).
     """
     account, _ = account_for(session, slug, user, admin=True)
     if not flags.get("exports_enabled"):
@@ -158,6 +188,8 @@ def request_export(
             "narrow the filters (the file would never be cut short)"
         )
     inline = rows <= threshold
+    if inline:
+        _check_inline_rate(session, settings=settings, user=user)
     jobs.declare_actor(session, f"user:{user.id}", "requested")
     job = ExportJob(
         account_id=account.id,

@@ -7,9 +7,10 @@ runs with exactly the filters the report applied. Nothing reaches SQL without pa
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 from shared.errors import ValidationError
@@ -138,14 +139,32 @@ def _date(name: str, value: str) -> dt.date:
         raise ValidationError(name, "expected a date as YYYY-MM-DD") from None
 
 
-def _total(name: str, value: str) -> Decimal:
-    try:
-        number = Decimal(value.strip())
-    except InvalidOperation:
-        raise ValidationError(name, "expected a decimal number such as 125.50") from None
-    if not number.is_finite() or abs(number) >= MAX_TOTAL:
+#: A money amount as the filters accept it: ASCII digits, optional sign and decimal point.
+_MONEY = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)", re.ASCII)
+#: Longest money text looked at (characters); leading/trailing zeros beyond it are refused.
+MAX_MONEY_TEXT = 40
+#: Decimal places a total can have (numeric(12,2)).
+MONEY_PLACES = 2
+
+
+def parse_money(name: str, value: str) -> Decimal:
+    """A total as numeric(12,2) can hold it: plain ASCII decimal notation (no exponent), at most
+    10 integer digits and 2 decimals (trailing zeros aside); else a ValidationError naming
+    ``name``."""
+    text = value.strip()
+    if len(text) > MAX_MONEY_TEXT or not _MONEY.fullmatch(text):
+        raise ValidationError(name, "expected a decimal number such as 125.50")
+    number = Decimal(text)
+    if abs(number) >= MAX_TOTAL:
         raise ValidationError(name, "expected a finite decimal below 10,000,000,000")
+    _, _, decimals = text.partition(".")
+    if len(decimals.rstrip("0")) > MONEY_PLACES:
+        raise ValidationError(name, f"at most {MONEY_PLACES} decimal places")
     return number
+
+
+def _total(name: str, value: str) -> Decimal:
+    return parse_money(name, value)
 
 
 def _q(value: str) -> str | None:
@@ -217,7 +236,7 @@ def _is_scalar(name: str, value: object) -> bool:
     if isinstance(value, str):
         return True
     # JSON numbers are welcome for the totals only (bool is an int in Python: refuse it).
-    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    numeric = isinstance(value, int | float | Decimal) and not isinstance(value, bool)
     return numeric and name in ("min_total", "max_total")
 
 

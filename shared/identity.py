@@ -1,24 +1,31 @@
-"""Users, memberships and credentials: argon2 password hashes and hashed bearer tokens."""
+"""Users, memberships and credentials: argon2 password hashes, hashed bearer tokens, browser
+sessions stored server-side, and the login throttle."""
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import math
 import secrets
+from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from shared.errors import NotFound, ValidationError
-from shared.models import Account, ApiToken, LoginAttempt, Membership, Role, User
+from shared.errors import NotFound, TooManyAttempts, ValidationError
+from shared.models import Account, ApiToken, LoginAttempt, Membership, Role, User, WebSession
 
 #: Prefix of every bearer token, so leaked tokens are recognisable by secret scanners.
 TOKEN_PREFIX = "oex_"  # noqa: S105 (a prefix, not a secret)
-#: Random bytes in a bearer token.
+#: Random bytes in a bearer token (and in a browser session id).
 TOKEN_BYTES = 32
+#: Characters of a token kept for listings (``oex_`` + 8 random characters).
+TOKEN_SHOWN_CHARS = 12
+#: Token and session usage stamps are written at most this often (seconds).
+TOUCH_INTERVAL_SECONDS = 60
 
 _hasher = PasswordHasher()
 # A real hash to verify against when the email is unknown, so timing does not reveal accounts.
@@ -53,21 +60,75 @@ def authenticate(session: Session, email: str, password: str) -> User | None:
     return user
 
 
-def recent_login_failures(session: Session, email: str, *, window_seconds: int) -> int:
+#: Advisory lock namespaces (first key of ``pg_advisory_xact_lock(int, int)``).
+_LOCK_LOGIN_CLIENT = 0x4C43  # "LC"
+_LOCK_LOGIN_EMAIL = 0x4C45  # "LE"
+
+
+def _normal_email(email: str) -> str:
+    return email.strip().lower()[:320]
+
+
+def _retry_after(session: Session, condition: Any, *, window_seconds: int) -> int:
+    """Seconds until the oldest counted attempt leaves the window (at least 1)."""
+    oldest = session.scalar(select(func.min(LoginAttempt.attempted_at)).where(condition))
+    if oldest is None:
+        return window_seconds
+    left = (oldest + dt.timedelta(seconds=window_seconds)) - dt.datetime.now(dt.UTC)
+    return max(1, math.ceil(left.total_seconds()))
+
+
+def reserve_login_check(
+    session: Session,
+    *,
+    email: str,
+    client: str,
+    max_per_email: int,
+    max_per_client: int,
+    window_seconds: int,
+) -> int:
+    """Count this login as a failure *before* the password is checked, or refuse it.
+
+    The client's and the email's advisory locks (always taken in that order) make count and
+    insert one step, so under any burst at most ``max_per_email`` checks per email and
+    ``max_per_client`` per client start within a window. The caller commits at once (releasing
+    the locks), checks the password, and on success calls :func:`clear_login_failures`.
+    Returns the reserved row's id.
+    """
+    email_key = _normal_email(email)
+    address = client[:100]
+    session.execute(select(func.pg_advisory_xact_lock(_LOCK_LOGIN_CLIENT, func.hashtext(address))))
+    session.execute(select(func.pg_advisory_xact_lock(_LOCK_LOGIN_EMAIL, func.hashtext(email_key))))
     since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=window_seconds)
-    return int(
-        session.scalar(
-            select(func.count())
-            .select_from(LoginAttempt)
-            .where(func.lower(LoginAttempt.email) == email.strip().lower())
-            .where(LoginAttempt.attempted_at >= since)
-        )
-        or 0
+    for condition, limit in (
+        (func.lower(LoginAttempt.email) == email_key, max_per_email),
+        (LoginAttempt.client == address, max_per_client),
+    ):
+        recent = condition & (LoginAttempt.attempted_at >= since)
+        count = session.scalar(select(func.count()).select_from(LoginAttempt).where(recent))
+        if int(count or 0) >= limit:
+            raise TooManyAttempts(
+                "too many failed logins; try again later",
+                retry_after=_retry_after(session, recent, window_seconds=window_seconds),
+            )
+    attempt = LoginAttempt(email=email_key, client=address)
+    session.add(attempt)
+    session.flush()
+    return attempt.id
+
+
+def clear_login_failures(session: Session, email: str) -> None:
+    """A successful login: that email's failures (and the pending reservation) are gone."""
+    session.execute(
+        delete(LoginAttempt).where(func.lower(LoginAttempt.email) == _normal_email(email))
     )
 
 
-def record_login_failure(session: Session, email: str) -> None:
-    session.add(LoginAttempt(email=email.strip().lower()[:320]))
+def prune_login_failures(session: Session, *, window_seconds: int) -> int:
+    """Delete failures older than the throttle window (they no longer count); how many."""
+    since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=window_seconds)
+    result = session.execute(delete(LoginAttempt).where(LoginAttempt.attempted_at < since))
+    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 def ensure_account(
@@ -108,6 +169,7 @@ def upsert_user(
     else:
         user.password_hash = password_hash
         user.is_active = True
+        end_sessions_of(session, user.id)  # a new password ends every session at once
     session.flush()
     return user
 
@@ -125,7 +187,10 @@ def remove_membership(session: Session, *, account: Account, user: User) -> bool
     result = session.execute(
         delete(Membership).where(Membership.account_id == account.id, Membership.user_id == user.id)
     )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    removed = bool(result.rowcount)  # type: ignore[attr-defined]
+    if removed:
+        end_sessions_of(session, user.id)  # the browser sessions end at once (tokens stay)
+    return removed
 
 
 def role_in(session: Session, *, account: Account, user: User) -> Role | None:
@@ -142,20 +207,129 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_token(session: Session, user: User) -> str:
-    """A new bearer token for ``user``; only its digest is stored."""
+def create_token(session: Session, user: User, *, expires_in_days: int | None = None) -> str:
+    """A new bearer token for ``user``; only its digest (and first characters) are stored."""
+    if expires_in_days is not None and expires_in_days < 1:
+        raise ValidationError("expires-in", "at least 1 day")
     token = TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
-    session.add(ApiToken(user_id=user.id, token_sha256=token_digest(token)))
+    expires_at = (
+        None
+        if expires_in_days is None
+        else dt.datetime.now(dt.UTC) + dt.timedelta(days=expires_in_days)
+    )
+    session.add(
+        ApiToken(
+            user_id=user.id,
+            token_sha256=token_digest(token),
+            prefix=token[:TOKEN_SHOWN_CHARS],
+            expires_at=expires_at,
+        )
+    )
     return token
 
 
-def user_for_token(session: Session, token: str) -> User | None:
-    """The active user owning this unrevoked token, or None."""
+def token_for(session: Session, token: str) -> ApiToken | None:
+    """The unrevoked, unexpired token of an active user, or None."""
     if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
         return None
+    now = dt.datetime.now(dt.UTC)
     return session.scalar(
-        select(User)
-        .join(ApiToken, ApiToken.user_id == User.id)
+        select(ApiToken)
+        .join(User, ApiToken.user_id == User.id)
         .where(ApiToken.token_sha256 == token_digest(token), ApiToken.revoked_at.is_(None))
+        .where(or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > now))
         .where(User.is_active.is_(True))
     )
+
+
+def user_for_token(session: Session, token: str) -> User | None:
+    """The active user owning this unrevoked, unexpired token, or None."""
+    found = token_for(session, token)
+    return None if found is None else session.get(User, found.user_id)
+
+
+def needs_touch(stamp: dt.datetime | None) -> bool:
+    """Usage stamps are written at most once a minute (not on every request)."""
+    return stamp is None or dt.datetime.now(dt.UTC) - stamp >= dt.timedelta(
+        seconds=TOUCH_INTERVAL_SECONDS
+    )
+
+
+def touch_token(session: Session, token_id: int) -> None:
+    session.execute(
+        update(ApiToken)
+        .where(ApiToken.id == token_id)
+        .where(
+            or_(
+                ApiToken.last_used_at.is_(None),
+                ApiToken.last_used_at < func.now() - dt.timedelta(seconds=TOUCH_INTERVAL_SECONDS),
+            )
+        )
+        .values(last_used_at=func.now())
+    )
+
+
+def tokens_of(session: Session, user: User) -> list[ApiToken]:
+    """The user's tokens, oldest first (revoked ones included)."""
+    return list(
+        session.scalars(select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id))
+    )
+
+
+def revoke_tokens(session: Session, user: User, *, token_id: int | None = None) -> int:
+    """Revoke one of the user's tokens (``token_id``) or all of them; how many were revoked.
+    NotFound when ``token_id`` is not one of the user's tokens."""
+    query = update(ApiToken).where(ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None))
+    if token_id is not None:
+        owned = session.scalar(
+            select(ApiToken.id).where(ApiToken.id == token_id, ApiToken.user_id == user.id)
+        )
+        if owned is None:
+            raise NotFound(f"{user.email} has no token {token_id}")
+        query = query.where(ApiToken.id == token_id)
+    result = session.execute(query.values(revoked_at=func.now()))
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def start_web_session(session: Session, user: User) -> str:
+    """A new server-side browser session; returns the random id the cookie carries."""
+    sid = secrets.token_urlsafe(TOKEN_BYTES)
+    session.add(WebSession(id_sha256=token_digest(sid), user_id=user.id))
+    return sid
+
+
+def web_session(session: Session, sid: str) -> WebSession | None:
+    if len(sid) > 200:
+        return None
+    return session.get(WebSession, token_digest(sid))
+
+
+def end_web_session(session: Session, sid: str) -> None:
+    session.execute(delete(WebSession).where(WebSession.id_sha256 == token_digest(sid)))
+
+
+def end_sessions_of(session: Session, user_id: int) -> None:
+    """End every browser session of the user (password change, removal, deactivation)."""
+    session.execute(delete(WebSession).where(WebSession.user_id == user_id))
+
+
+def touch_web_session(session: Session, sid: str) -> None:
+    session.execute(
+        update(WebSession)
+        .where(WebSession.id_sha256 == token_digest(sid))
+        .values(last_seen_at=func.now())
+    )
+
+
+def prune_web_sessions(session: Session, *, idle_seconds: int, lifetime_seconds: int) -> int:
+    """Delete sessions past their idle timeout or absolute lifetime; how many."""
+    now = dt.datetime.now(dt.UTC)
+    result = session.execute(
+        delete(WebSession).where(
+            or_(
+                WebSession.last_seen_at < now - dt.timedelta(seconds=idle_seconds),
+                WebSession.created_at < now - dt.timedelta(seconds=lifetime_seconds),
+            )
+        )
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]

@@ -116,6 +116,25 @@ class ApiToken(Base):
     created_at: Mapped[dt.datetime] = _now()
     last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    #: The token's first characters (``oex_`` + 8), to tell tokens apart in listings.
+    prefix: Mapped[str | None] = mapped_column(Text)
+    #: After this the token is refused (None: never expires).
+    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class WebSession(Base):
+    """A browser session; the cookie carries a random id, only its SHA-256 is stored."""
+
+    __tablename__ = "web_sessions"
+
+    id_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    created_at: Mapped[dt.datetime] = _now()
+    last_seen_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now(), index=True
+    )
 
 
 class Order(Base):
@@ -166,15 +185,22 @@ class FeatureFlag(Base):
 
 
 class LoginAttempt(Base):
-    """A failed login, kept for throttling brute force per email."""
+    """A failed (or still running) login check, kept for throttling per email and per client."""
 
     __tablename__ = "login_failures"
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     email: Mapped[str] = mapped_column(Text, nullable=False)
-    attempted_at: Mapped[dt.datetime] = _now()
+    attempted_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now(), index=True
+    )
+    #: The client address the attempt came from (see TRUSTED_PROXIES).
+    client: Mapped[str | None] = mapped_column(Text)
 
-    __table_args__ = (Index("login_failures_email_idx", func.lower(email), "attempted_at"),)
+    __table_args__ = (
+        Index("login_failures_email_idx", func.lower(email), "attempted_at"),
+        Index("login_failures_client_idx", "client", "attempted_at"),
+    )
 
 
 class ExportState(enum.StrEnum):
@@ -333,4 +359,6 @@ class DownloadAttempt(Base):
     user_id: Mapped[int | None] = mapped_column(BigInteger)
     outcome: Mapped[str] = mapped_column(Text, nullable=False)
     client_ip: Mapped[str | None] = mapped_column(Text)
-    at: Mapped[dt.datetime] = _now()
+    at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now(), index=True
+    )

@@ -7,7 +7,7 @@ import binascii
 import datetime as dt
 import json
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -16,13 +16,15 @@ from sqlalchemy.orm import Session
 
 from shared.columns import COLUMNS, display_columns
 from shared.errors import ValidationError
-from shared.filters import SORTS, OrderFilters
+from shared.filters import SORTS, OrderFilters, parse_money
 from shared.models import ORDER_SEARCH_DOCUMENT_SQL, Account, Order
 
 #: Rows per report page unless the caller asks otherwise.
 DEFAULT_PAGE_SIZE = 100
 #: Largest page the report API serves.
 MAX_PAGE_SIZE = 1000
+#: Largest value of a bigint column (order ids in cursors).
+MAX_BIGINT = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,8 @@ def _decode_cursor(cursor: str, filters: OrderFilters) -> tuple[Any, int]:
         sort, value, order_id = json.loads(raw)
         if sort != filters.sort or not isinstance(order_id, int) or not isinstance(value, str):
             raise ValueError
+        if isinstance(order_id, bool) or not 0 <= order_id <= MAX_BIGINT or "\x00" in value:
+            raise ValueError
         name, _ = SORTS[sort]
         typed: Any
         if name == "placed_at":
@@ -116,12 +120,17 @@ def _decode_cursor(cursor: str, filters: OrderFilters) -> tuple[Any, int]:
             if typed.tzinfo is None:
                 raise ValueError
         elif name == "total":
-            typed = Decimal(value)
-            if not typed.is_finite():
-                raise ValueError
+            typed = parse_money("cursor", value)
         else:
             typed = value
-    except (ValueError, TypeError, binascii.Error, InvalidOperation, UnicodeDecodeError):
+    except (
+        ValueError,
+        TypeError,
+        binascii.Error,
+        UnicodeDecodeError,
+        RecursionError,
+        ValidationError,
+    ):
         raise ValidationError("cursor", "invalid or stale cursor; start again without it") from None
     return typed, order_id
 

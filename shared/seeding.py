@@ -30,6 +30,9 @@ CUSTOMER_NAMES = (
     "Smith, John", 'Robert "Bobby" Tables', "O'Brien & Sons, Ltd.", "Line\nBreak Ltd",
     "=HYPERLINK(\"http://evil.test\",\"click\")", "+44 20 7946 0000", "-Minus Corp",
     "@handle", "\tTabbed Name", "Semi;colon", "Emoji 🚀 Shop",
+    # Triggers behind characters a spreadsheet trims, and full-width ones (formula guard).
+    " =1+1 Spaced", "\u00a0+NBSP Ltd", "\u3000-Ideographic", "\u200b@ZeroWidth",
+    "\ufeff=BOM Corp", "\uff1dFullWidth",
 )  # fmt: skip
 #: Weighted statuses (repeats make the common ones common).
 STATUS_WEIGHTS = ("paid",) * 4 + ("fulfilled",) * 4 + ("pending", "refunded", "canceled")

@@ -5,7 +5,9 @@ Everything else receives a :class:`Settings` instance; tests build one directly.
 
 from __future__ import annotations
 
-from pydantic import Field, ValidationError, field_validator
+import ipaddress
+
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import ConfigurationError
@@ -62,6 +64,11 @@ class Settings(BaseSettings):
     #: Download link keys, ``kid:secret[,kid:secret...]``; the first signs, all verify.
     #: Unset: one key derived from SECRET_KEY (kid ``k0``).
     download_signing_keys: str | None = None
+    #: While DOWNLOAD_SIGNING_KEYS is set, still accept links signed by the key derived from
+    #: SECRET_KEY (kid ``k0``, verify-only); turn off once those links have expired.
+    download_signing_keep_derived: bool = True
+    #: Days the download audit trail (``download_attempts``) is kept.
+    audit_retention_days: int = Field(400, ge=1)
     #: Kafka consumer session timeout (ms); lower it locally so restarts rejoin quickly.
     kafka_session_timeout_ms: int = Field(45_000, ge=1000)
     #: Sender of notification emails.
@@ -79,9 +86,43 @@ class Settings(BaseSettings):
 
     #: Send the session cookie only over HTTPS (turn on behind TLS).
     session_cookie_secure: bool = False
+    #: A browser session unused for this long ends (seconds, 8 hours).
+    session_idle_seconds: int = Field(28_800, ge=60)
+    #: Every browser session ends this long after login, however active (seconds, 14 days).
+    session_lifetime_seconds: int = Field(14 * 24 * 3600, ge=60)
     #: Failed logins per email within ``login_throttle_window_seconds`` before refusing.
     login_max_failures: int = Field(5, ge=1)
     login_throttle_window_seconds: int = Field(300, ge=1)
+    #: Failed logins per client address within the same window, whatever the emails.
+    login_max_failures_per_client: int = Field(20, ge=1)
+    #: Password checks (argon2: ~0.2 s CPU, 64 MiB each) one API process runs at once; more
+    #: logins at that moment get ``503`` with ``Retry-After``.
+    login_max_concurrent_checks: int = Field(4, ge=1, le=64)
+    #: Proxies whose ``X-Forwarded-For`` is believed (comma-separated IPs or CIDRs; unset: the
+    #: header is ignored and the TCP peer is the client).
+    trusted_proxies: str | None = None
+    #: Largest request body the API reads (bytes); beyond it ``413 body_too_large``.
+    max_request_body_bytes: int = Field(65536, ge=1024)
+    #: Exports made inside the request (small ones) one user may start per minute.
+    export_max_inline_per_minute: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _signing_keys(self) -> Settings:
+        from shared.signing import SigningKeys
+
+        try:
+            SigningKeys.from_settings(self)
+        except ConfigurationError as exc:
+            raise ValueError(exc.message) from None
+        return self
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: str | None) -> str | None:
+        if value:
+            for item in value.split(","):
+                ipaddress.ip_network(item.strip(), strict=False)  # ValueError names the entry
+        return value
 
     @field_validator("database_url", "export_database_url")
     @classmethod

@@ -78,7 +78,13 @@ def database_url(postgres_url: str, template_url: str) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def settings(database_url: str) -> Settings:
-    return Settings(database_url=database_url, secret_key="test-secret-key-0123456789abcdef")
+    # Tests make many small exports a minute as one user; tests/integration/test_inline_limit.py
+    # checks EXPORT_MAX_INLINE_PER_MINUTE with its own, small value.
+    return Settings(
+        database_url=database_url,
+        secret_key="test-secret-key-0123456789abcdef",
+        export_max_inline_per_minute=10_000,
+    )
 
 
 @pytest.fixture(scope="module")

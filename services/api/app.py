@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -16,30 +17,47 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from services.api import exports, health, login, openapi, pages, report
+from services.api.clients import trusted_networks
 from services.api.errors import handle_domain_error, handle_http_exception
-from services.api.middleware import SecurityHeadersMiddleware
-from shared import downloads
+from services.api.middleware import BodyLimitMiddleware, SecurityHeadersMiddleware
+from shared import downloads, logredact
 from shared.db import make_engine, make_sessionmaker
 from shared.errors import OrdersExportError
 from shared.flags import FlagCache
 from shared.settings import Settings, load_settings
+from shared.signing import SigningKeys
 
 HERE = Path(__file__).parent
-#: Name of the session cookie.
+#: Name of the session cookie (signed; holds the server-side session's random id and the CSRF
+#: token, see services/api/auth.py).
 SESSION_COOKIE = "oex_session"
-#: Lifetime of a browser session (seconds, 14 days).
-SESSION_MAX_AGE = 14 * 24 * 3600
+
+
+def _static_url(settings: Settings) -> Callable[[str], str]:
+    """Static asset URLs: under PUBLIC_URL when set, else root-relative (never the Host
+    header)."""
+    base = (settings.public_url or "").rstrip("/")
+
+    def static_url(path: str) -> str:
+        return f"{base}/static/{path}"
+
+    return static_url
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the app; reads the environment only when no settings are given."""
     settings = settings or load_settings()
+    SigningKeys.from_settings(settings)  # a malformed or repeated key fails the start
+    logredact.install()  # access logs carry signed links: their signatures are redacted
     engine = make_engine(settings.database_url)
     downloads.declare_metrics()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        metrics_port = health.MetricsPort(settings) if settings.metrics_port else None
         yield
+        if metrics_port is not None:
+            metrics_port.stop()
         engine.dispose()
 
     routes = [
@@ -67,11 +85,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
     ]
     middleware = [
         Middleware(SecurityHeadersMiddleware, hsts=settings.session_cookie_secure),
+        Middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes),
         Middleware(
             SessionMiddleware,
             secret_key=settings.secret_key,
             session_cookie=SESSION_COOKIE,
-            max_age=SESSION_MAX_AGE,
+            max_age=settings.session_lifetime_seconds,
             same_site="lax",
             https_only=settings.session_cookie_secure,
         ),
@@ -97,4 +116,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.storage = None
     app.state.runner = None
     app.state.templates = Jinja2Templates(env=environment)
+    environment.globals["static_url"] = _static_url(settings)
+    app.state.trusted_proxies = trusted_networks(settings.trusted_proxies)
+    app.state.password_checks = threading.BoundedSemaphore(settings.login_max_concurrent_checks)
     return app

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
+import datetime as dt
 import hmac
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -12,8 +13,16 @@ from sqlalchemy.orm import Session
 from starlette.requests import Request
 from starlette.responses import RedirectResponse
 
+from shared.db import transaction
 from shared.errors import CsrfFailed, Unauthenticated
-from shared.identity import user_for_token
+from shared.identity import (
+    end_web_session,
+    needs_touch,
+    token_for,
+    touch_token,
+    touch_web_session,
+    web_session,
+)
 from shared.models import User
 
 #: Form field and header that carry the CSRF token.
@@ -31,20 +40,15 @@ class Caller:
     via_session: bool
 
 
-def credential_fingerprint(user: User) -> str:
-    """Changes when the password changes, which ends every session of the user."""
-    return hashlib.sha256(user.password_hash.encode()).hexdigest()[:16]
+#: Key of the server-side session's random id in the (signed) session cookie.
+SESSION_ID_KEY = "sid"
 
 
-def start_session(request: Request, user: User) -> None:
+def start_session(request: Request, sid: str) -> None:
+    """Put a new server-side session (see :func:`shared.identity.start_web_session`) in the
+    cookie: a fresh cookie state, so nothing from before the login carries over (fixation)."""
     request.session.clear()
-    request.session.update(
-        {
-            "user_id": user.id,
-            "fingerprint": credential_fingerprint(user),
-            "csrf": secrets.token_urlsafe(32),
-        }
-    )
+    request.session.update({SESSION_ID_KEY: sid, "csrf": secrets.token_urlsafe(32)})
 
 
 def csrf_token(request: Request) -> str:
@@ -63,25 +67,51 @@ def bearer_token(request: Request) -> str | None:
     return token.strip() or None
 
 
+def _in_own_transaction(request: Request, work: Callable[[Session], None]) -> None:
+    """Usage stamps and ended sessions are written apart from the request's own (often
+    read-only, never committed) session."""
+    with transaction(request.app.state.sessions) as writer:
+        work(writer)
+
+
+def _session_user(request: Request, session: Session) -> User | None:
+    """The user of the cookie's server-side session while it is valid; an expired session or
+    one of a deactivated user is deleted."""
+    sid = request.session.get(SESSION_ID_KEY)
+    if not isinstance(sid, str):
+        return None
+    row = web_session(session, sid)
+    if row is None:
+        return None
+    settings = request.app.state.settings
+    now = dt.datetime.now(dt.UTC)
+    user = session.get(User, row.user_id)
+    if (
+        user is None
+        or not user.is_active
+        or now - row.last_seen_at >= dt.timedelta(seconds=settings.session_idle_seconds)
+        or now - row.created_at >= dt.timedelta(seconds=settings.session_lifetime_seconds)
+    ):
+        _in_own_transaction(request, lambda writer: end_web_session(writer, sid))
+        return None
+    if needs_touch(row.last_seen_at):
+        _in_own_transaction(request, lambda writer: touch_web_session(writer, sid))
+    return user
+
+
 def identify(request: Request, session: Session) -> Caller | None:
     """The caller, from ``Authorization: Bearer`` first, then the session cookie."""
     token = bearer_token(request)
     if token is not None:
-        user = user_for_token(session, token)
-        if user is None:
-            raise Unauthenticated("invalid or revoked token")
-        return Caller(user, via_session=False)
-    user_id = request.session.get("user_id")
-    if not isinstance(user_id, int):
-        return None
-    user = session.get(User, user_id)
-    if user is None or not user.is_active:
-        return None
-    if not hmac.compare_digest(
-        str(request.session.get("fingerprint", "")), credential_fingerprint(user)
-    ):
-        return None
-    return Caller(user, via_session=True)
+        found = token_for(session, token)
+        if found is None:
+            raise Unauthenticated("invalid, expired or revoked token")
+        if needs_touch(found.last_used_at):
+            token_id = found.id
+            _in_own_transaction(request, lambda writer: touch_token(writer, token_id))
+        return Caller(session.get_one(User, found.user_id), via_session=False)
+    user = _session_user(request, session)
+    return None if user is None else Caller(user, via_session=True)
 
 
 def require_caller(
@@ -97,6 +127,12 @@ def require_caller(
         if not expected or not hmac.compare_digest(sent.encode(), expected.encode()):
             raise CsrfFailed("missing or invalid CSRF token")
     return caller
+
+
+def authenticated(request: Request) -> Caller | None:
+    """The caller, looked up before a request body is read (anonymous bodies stay unread)."""
+    with request.app.state.sessions() as session:
+        return identify(request, session)
 
 
 def login_redirect(request: Request) -> RedirectResponse:

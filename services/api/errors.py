@@ -19,10 +19,12 @@ STATUS_BY_ERROR: dict[type[errors.OrdersExportError], int] = {
     errors.TooManyAttempts: 429,
     errors.TooManyActiveExports: 429,
     errors.TooManyRows: 422,
+    errors.BodyTooLarge: 413,
     errors.Conflict: 409,
     errors.LinkExpired: 410,
     errors.FileExpired: 410,
     errors.ExportsDisabled: 503,
+    errors.Overloaded: 503,
     errors.StorageError: 503,
     errors.ConfigurationError: 500,
 }
@@ -54,8 +56,9 @@ async def handle_domain_error(request: Request, exc: Exception) -> Response:
 
         return login_redirect(request)
     headers = {}
-    if isinstance(exc, errors.TooManyAttempts | errors.TooManyActiveExports):
-        headers["Retry-After"] = str(exc.retry_after)
+    retry_after = getattr(exc, "retry_after", None)
+    if isinstance(retry_after, int):
+        headers["Retry-After"] = str(retry_after)
     if wants_html(request):
         templates = request.app.state.templates
         return templates.TemplateResponse(  # type: ignore[no-any-return]

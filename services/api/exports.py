@@ -6,6 +6,7 @@ import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -15,7 +16,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from services.api import exportviews
-from services.api.auth import Caller, login_redirect, require_caller
+from services.api.auth import Caller, authenticated, login_redirect, require_caller
+from services.api.clients import public_origin
 from services.api.errors import wants_html
 from shared import downloads, exports
 from shared.db import transaction
@@ -32,6 +34,8 @@ from shared.runner import ExportRunner, Outcome
 from shared.signing import SigningKeys
 from shared.storage import Storage, storage_from_url
 
+#: Responses that carry signed download links are never stored by caches.
+NO_STORE = {"Cache-Control": "no-store"}
 #: Guards the lazy construction below (the report alone needs no storage).
 _build_lock = threading.RLock()
 
@@ -63,7 +67,7 @@ def runner_of(app: Starlette) -> ExportRunner:
 
 
 def _base_url(request: Request) -> str:
-    return str(request.base_url)
+    return public_origin(request)
 
 
 def _export_body(
@@ -83,9 +87,12 @@ async def _json_body(request: Request) -> object:
     if not raw:
         return {}
     try:
-        return json.loads(raw)
+        # Decimal keeps a number's exact text (1e-20000 must not quietly become 0.0).
+        return json.loads(raw, parse_float=Decimal)
     except (ValueError, UnicodeDecodeError):
         raise ValidationError("body", "invalid JSON") from None
+    except RecursionError:
+        raise ValidationError("body", "JSON nested too deeply") from None
 
 
 @dataclass(frozen=True)
@@ -147,10 +154,12 @@ def _create(
 
 
 async def create_export(request: Request) -> Response:
+    if await run_in_threadpool(authenticated, request) is None:  # before reading the body
+        raise Unauthenticated("log in or send a bearer token")
     body = await _json_body(request)
     idempotency_key = request.headers.get("idempotency-key")
     payload, status = await run_in_threadpool(_create, request, body, idempotency_key)
-    return JSONResponse(payload, status)
+    return JSONResponse(payload, status, headers=NO_STORE)
 
 
 def _list(request: Request) -> dict[str, Any]:
@@ -161,7 +170,7 @@ def _list(request: Request) -> dict[str, Any]:
 
 
 async def list_exports(request: Request) -> Response:
-    return JSONResponse(await run_in_threadpool(_list, request))
+    return JSONResponse(await run_in_threadpool(_list, request), headers=NO_STORE)
 
 
 def _detail(request: Request) -> dict[str, Any]:
@@ -172,7 +181,7 @@ def _detail(request: Request) -> dict[str, Any]:
 
 
 async def get_export(request: Request) -> Response:
-    return JSONResponse(await run_in_threadpool(_detail, request))
+    return JSONResponse(await run_in_threadpool(_detail, request), headers=NO_STORE)
 
 
 def act(
@@ -202,11 +211,11 @@ def _act(request: Request, action: str) -> dict[str, Any]:
 
 
 async def retry_export(request: Request) -> Response:
-    return JSONResponse(await run_in_threadpool(_act, request, "retry"), 202)
+    return JSONResponse(await run_in_threadpool(_act, request, "retry"), 202, headers=NO_STORE)
 
 
 async def cancel_export(request: Request) -> Response:
-    return JSONResponse(await run_in_threadpool(_act, request, "cancel"), 202)
+    return JSONResponse(await run_in_threadpool(_act, request, "cancel"), 202, headers=NO_STORE)
 
 
 @dataclass(frozen=True)

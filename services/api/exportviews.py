@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from services.api.auth import Caller, csrf_token, identify
+from services.api.clients import public_origin
 from services.api.errors import status_for
 from shared import exports, support
 from shared.errors import NotFound, OrdersExportError, Unauthenticated
@@ -222,7 +223,7 @@ def _to_json(request: Request, job: ExportJob, account: Account, caller: Caller)
         account=account,
         settings=request.app.state.settings,
         viewer=caller.user,
-        base_url=str(request.base_url),
+        base_url=public_origin(request),
     )
 
 

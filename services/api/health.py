@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+import threading
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from services.api.errors import error_body
 from shared.metrics import exposition_registry
+from shared.settings import Settings
 
 
 async def healthz(request: Request) -> Response:
@@ -37,6 +42,52 @@ async def readyz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     """The request-side metrics (downloads, exports made inside requests); with several uvicorn
-    workers sharing PROMETHEUS_MULTIPROC_DIR, every worker answers with the sum of all."""
+    workers sharing PROMETHEUS_MULTIPROC_DIR, every worker answers with the sum of all. With
+    METRICS_PORT set they are served there instead (:class:`MetricsPort`), not on the public
+    port."""
+    if request.app.state.settings.metrics_port:
+        return JSONResponse(error_body("not_found", "Not Found"), 404)
     registry = exposition_registry(request.app.state.settings)
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class MetricsPort:
+    """``/metrics`` of the API on METRICS_PORT. Every uvicorn worker process tries to bind it;
+    one gets it and serves the sum of all workers (PROMETHEUS_MULTIPROC_DIR), the others keep
+    trying every few seconds, so another takes over when that worker exits."""
+
+    #: Pause between attempts to bind a port another worker holds (seconds).
+    RETRY_SECONDS = 5.0
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._stop = threading.Event()
+        self._server: Any = None
+        self._bind()
+        self._thread: threading.Thread | None = None
+        if self._server is None:
+            self._thread = threading.Thread(target=self._keep_trying, name="metrics-port")
+            self._thread.daemon = True
+            self._thread.start()
+
+    def _bind(self) -> None:
+        try:
+            self._server, _ = start_http_server(
+                self._settings.metrics_port,
+                addr=self._settings.metrics_host,
+                registry=exposition_registry(self._settings),
+            )
+        except OSError:
+            self._server = None
+
+    def _keep_trying(self) -> None:
+        while self._server is None and not self._stop.wait(self.RETRY_SECONDS):
+            self._bind()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()

@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
+import threading
 from urllib.parse import urlsplit
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from services.api.auth import CSRF_FIELD, csrf_token, require_caller, safe_next, start_session
+from services.api.auth import (
+    CSRF_FIELD,
+    SESSION_ID_KEY,
+    authenticated,
+    csrf_token,
+    require_caller,
+    safe_next,
+    start_session,
+)
+from services.api.clients import client_address
 from services.api.errors import redirect
-from shared.errors import Forbidden, TooManyAttempts
-from shared.identity import authenticate, recent_login_failures, record_login_failure
+from shared.db import transaction
+from shared.errors import Forbidden, Overloaded, Unauthenticated
+from shared.identity import (
+    authenticate,
+    clear_login_failures,
+    end_web_session,
+    reserve_login_check,
+    start_web_session,
+)
 from shared.models import User
 
 
@@ -37,21 +54,33 @@ async def login_form(request: Request) -> Response:
     )
 
 
-def _login(request: Request, email: str, password: str) -> User | None:
+def _login(request: Request, email: str, password: str) -> tuple[User, str] | None:
     settings = request.app.state.settings
-    with request.app.state.sessions() as session, session.begin():
-        failures = recent_login_failures(
-            session, email, window_seconds=settings.login_throttle_window_seconds
-        )
-        if failures >= settings.login_max_failures:
-            raise TooManyAttempts(
-                "too many failed logins; try again later",
-                retry_after=settings.login_throttle_window_seconds,
+    checks: threading.BoundedSemaphore = request.app.state.password_checks
+    if not checks.acquire(blocking=False):  # never a pile-up of argon2 threads and memory
+        raise Overloaded("too many logins at this moment; try again shortly", retry_after=1)
+    try:
+        with request.app.state.sessions() as session, session.begin():
+            reserve_login_check(
+                session,
+                email=email,
+                client=client_address(request),
+                max_per_email=settings.login_max_failures,
+                max_per_client=settings.login_max_failures_per_client,
+                window_seconds=settings.login_throttle_window_seconds,
             )
-        user = authenticate(session, email, password)
-        if user is None:
-            record_login_failure(session, email)
-        return user
+        # Committed: the reservation counts for every concurrent attempt from here on.
+        with request.app.state.sessions() as session, session.begin():
+            user = authenticate(session, email, password)
+            if user is None:
+                return None
+            clear_login_failures(session, email)
+            old = request.session.get(SESSION_ID_KEY)
+            if isinstance(old, str):  # logging in again (perhaps as someone else) ends it
+                end_web_session(session, old)
+            return user, start_web_session(session, user)
+    finally:
+        checks.release()
 
 
 async def login(request: Request) -> Response:
@@ -61,9 +90,9 @@ async def login(request: Request) -> Response:
     email = str(form.get("email", ""))[:320]
     password = str(form.get("password", ""))[:1024]
     target = safe_next(str(form.get("next", "")) or None)
-    user = await run_in_threadpool(_login, request, email, password)
+    started = await run_in_threadpool(_login, request, email, password)
     wants_json = "application/json" in request.headers.get("accept", "")
-    if user is None:
+    if started is None:
         if wants_json:
             return JSONResponse(
                 {"error": {"code": "invalid_credentials", "message": "invalid email or password"}},
@@ -81,7 +110,8 @@ async def login(request: Request) -> Response:
             },
             status_code=401,
         )
-    start_session(request, user)
+    user, sid = started
+    start_session(request, sid)
     if wants_json:
         return JSONResponse(
             {"user": {"id": user.id, "email": user.email}, "csrf_token": request.session["csrf"]}
@@ -94,9 +124,19 @@ def _check_logout(request: Request, submitted: str | None) -> None:
         require_caller(request, session, submitted_csrf=submitted)
 
 
+def _end_session(request: Request) -> None:
+    sid = request.session.get(SESSION_ID_KEY)
+    if isinstance(sid, str):
+        with transaction(request.app.state.sessions) as session:
+            end_web_session(session, sid)
+
+
 async def logout(request: Request) -> Response:
+    if await run_in_threadpool(authenticated, request) is None:  # before reading the form
+        raise Unauthenticated("log in or send a bearer token")
     form = await request.form()
     submitted = form.get(CSRF_FIELD)
     await run_in_threadpool(_check_logout, request, str(submitted) if submitted else None)
+    await run_in_threadpool(_end_session, request)  # a copied cookie dies with it
     request.session.clear()
     return redirect("/login")

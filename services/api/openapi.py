@@ -38,6 +38,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         404: "unknown, or not visible to the caller",
         409: "not possible in the current state",
         410: "link or file expired",
+        413: "request body larger than MAX_REQUEST_BODY_BYTES (`body_too_large`)",
         422: "invalid input; `field` names it",
         429: "too many requests; see Retry-After",
         503: "exports switched off",
@@ -298,7 +299,7 @@ def document() -> dict[str, Any]:
                         ),
                         "201": _json(envelope, "small export, made in the request, ready"),
                         "202": _json(envelope, "queued for the workers"),
-                        **_errors(401, 403, 404, 409, 422, 429, 503),
+                        **_errors(401, 403, 404, 409, 413, 422, 429, 503),
                     },
                 },
                 "get": {

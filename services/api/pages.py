@@ -100,6 +100,8 @@ def _request_export(request: Request, form: FormData) -> Response:
 
 async def request_export(request: Request) -> Response:
     """``POST /accounts/{slug}/exports``: the Export CSV button, with the applied filters."""
+    if await run_in_threadpool(_caller, request) is None:  # before reading the form
+        return _login_then(f"/accounts/{request.path_params['slug']}/orders")
     form = await request.form()
     return await run_in_threadpool(_request_export, request, form)
 
@@ -124,11 +126,15 @@ def _act(request: Request, action: str, form: FormData) -> Response:
 
 async def retry_export(request: Request) -> Response:
     """``POST /exports/{id}/retry``: Retry / Re-export, then back to where the button was."""
+    if await run_in_threadpool(_caller, request) is None:  # before reading the form
+        return _login_then(f"/exports/{request.path_params['export_id']}")
     form = await request.form()
     return await run_in_threadpool(_act, request, "retry", form)
 
 
 async def cancel_export(request: Request) -> Response:
     """``POST /exports/{id}/cancel``, then back to where the button was."""
+    if await run_in_threadpool(_caller, request) is None:  # before reading the form
+        return _login_then(f"/exports/{request.path_params['export_id']}")
     form = await request.form()
     return await run_in_threadpool(_act, request, "cancel", form)

@@ -39,7 +39,7 @@ def parse_limit(values: list[str]) -> int:
     if not values or values[-1] == "":
         return DEFAULT_PAGE_SIZE
     text = values[-1]
-    if not text.isdigit() or not 1 <= int(text) <= MAX_PAGE_SIZE:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_PAGE_SIZE:
         raise ValidationError("limit", f"expected an integer from 1 to {MAX_PAGE_SIZE}")
     return int(text)
 

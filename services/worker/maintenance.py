@@ -1,16 +1,18 @@
-"""Periodic housekeeping: rescue jobs of dead workers, expire old files, resend lost work."""
+"""Periodic housekeeping: rescue jobs of dead workers, expire old files, resend lost work, prune
+what unauthenticated requests leave behind."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 
 from sqlalchemy import func
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.worker.actors import Actors
-from shared import jobs, metrics, outbox
+from shared import jobs, metrics, outbox, retention
 from shared.db import transaction
 from shared.errors import StorageError
 from shared.events import ExportExpired, ExportFailed
@@ -22,6 +24,8 @@ log = logging.getLogger(__name__)
 
 #: Pause between housekeeping rounds (seconds).
 INTERVAL_SECONDS = 2.0
+#: Pruning of login failures, sessions and the download audit runs at most this often (seconds).
+PRUNE_INTERVAL_SECONDS = 60.0
 #: Safe error recorded when a worker vanished mid-export.
 WORKER_LOST = ("worker_lost", "The export worker stopped unexpectedly.")
 
@@ -41,6 +45,7 @@ class Maintenance:
         self._sessions = sessions
         self._storage = storage
         self._actors = actors
+        self._pruned_at: float | None = None
 
     def run(self, stop: threading.Event) -> None:
         while not stop.wait(INTERVAL_SECONDS):
@@ -53,6 +58,18 @@ class Maintenance:
         self.rescue()
         self.expire()
         self.resend()
+        self.prune()
+
+    def prune(self) -> None:
+        """Retention (shared/retention.py), at most once per PRUNE_INTERVAL_SECONDS."""
+        now = time.monotonic()
+        if self._pruned_at is not None and now - self._pruned_at < PRUNE_INTERVAL_SECONDS:
+            return
+        self._pruned_at = now
+        with transaction(self._sessions) as session:
+            pruned = retention.prune(session, self._settings)
+        if any(vars(pruned).values()):
+            log.info("pruned %s", pruned)
 
     def rescue(self) -> int:
         """Running jobs whose lease expired go back to the queue, or fail when out of attempts."""

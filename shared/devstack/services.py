@@ -28,7 +28,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec(
         name="api",
         args=("uvicorn", "services.api.app:create_app", "--factory", "--host", "{host}",
-              "--port", "{port}", "--no-access-log"),
+              "--port", "{port}", "--no-access-log", "--no-proxy-headers"),
         health_path="/healthz",
     ),
     ServiceSpec(name="relay", args=("services.api.relay",), metrics_port=True),

@@ -30,7 +30,7 @@ from shared.devstack.atomic import write_atomic
 from shared.devstack.children import ChildProcess, python_env
 from shared.devstack.errors import DevStackError
 from shared.devstack.kafka_broker import KafkaBroker
-from shared.devstack.layout import StackLayout
+from shared.devstack.layout import SECRET_KEY_FILE_MODE, StackLayout
 from shared.devstack.mailsink import MailSink
 from shared.devstack.ports import LOOPBACK, free_port
 from shared.devstack.postgres import DATABASE_NAME, EmbeddedPostgres
@@ -147,9 +147,17 @@ class Stack:
             self._check_stop()
             self._start_service(spec, port=port)
         self._check_stop()
-        write_atomic(self.layout.stack_file, json.dumps(self.description(), indent=2) + "\n")
+        self.publish()
         logger.info("dev: ready in %.1fs, stop with Ctrl-C", time.monotonic() - started)
         print(f"ready {self.api_url}", flush=True)
+
+    def publish(self) -> None:
+        """Write ``stack.json``: it holds SECRET_KEY, so only its owner may read it."""
+        write_atomic(
+            self.layout.stack_file,
+            json.dumps(self.description(), indent=2) + "\n",
+            mode=SECRET_KEY_FILE_MODE,
+        )
 
     def description(self) -> dict[str, object]:
         """The content of ``stack.json``."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import time
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -90,9 +91,23 @@ def report_rows(api: httpx2.Client, filters: dict[str, Any]) -> list[list[str]]:
             return rows
 
 
+#: Formula triggers, full-width forms included; an independent copy of the product's rule.
+TRIGGERS = ("=", "+", "-", "@", "\t", "\r", "\uff1d", "\uff0b", "\uff0d", "\uff20")
+
+
+def first_visible(value: str) -> str:
+    """The first character after Unicode White_Space (Zs, Zl, Zp, TAB..CR, NEL) and format
+    (Cf) characters, which a spreadsheet may trim on import."""
+    for ch in value:
+        hidden = unicodedata.category(ch) in ("Zs", "Zl", "Zp", "Cf") or ch in "\t\n\x0b\x0c\r\x85"
+        if not hidden:
+            return ch
+    return ""
+
+
 def guarded(row: list[str]) -> list[str]:
     return [
-        "'" + v if i in TEXT_COLUMNS and v[:1] in ("=", "+", "-", "@", "\t", "\r") else v
+        "'" + v if i in TEXT_COLUMNS and (v[:1] in TRIGGERS or first_visible(v) in TRIGGERS) else v
         for i, v in enumerate(row)
     ]
 

@@ -93,13 +93,14 @@ def test_prometheus_scrapes_the_metrics_port_of_every_service(
         (discovery,) = jobs[f"orders-export-{name}"]["dns_sd_configs"]
         assert discovery["names"] == [name]
         environment = service["environment"]
-        if name == "api":
+        port = int(environment["METRICS_PORT"])
+        assert environment["METRICS_HOST"] == "0.0.0.0"  # noqa: S104 - inside its container
+        if name == "api":  # healthy when it serves requests; metrics are off its public port
             command = service["command"]
-            port = int(command[command.index("--port") + 1])
-            assert "METRICS_PORT" not in environment  # /metrics on its HTTP port
+            http_port = int(command[command.index("--port") + 1])
+            assert port != http_port
+            assert all(str(port) not in str(entry) for entry in service["ports"])
         else:
-            port = int(environment["METRICS_PORT"])
-            assert environment["METRICS_HOST"] == "0.0.0.0"  # noqa: S104 - inside its container
             assert str(port) in shlex.join(service["healthcheck"]["test"])
         assert discovery["port"] == port, name
         # One empty multiprocess directory per container start
@@ -109,8 +110,24 @@ def test_prometheus_scrapes_the_metrics_port_of_every_service(
 
 
 def test_the_metrics_ports_differ(compose: dict[str, Any]) -> None:
-    ports = [compose["services"][name]["environment"]["METRICS_PORT"] for name in SCRAPED[1:]]
+    ports = [compose["services"][name]["environment"]["METRICS_PORT"] for name in SCRAPED]
     assert len(set(ports)) == len(ports)
+
+
+def test_the_production_example_is_hardened(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name in APP_SERVICES:  # behind TLS: Secure session cookie and HSTS
+        assert services[name]["environment"]["SESSION_COOKIE_SECURE"] == "true", name
+    for name, service in services.items():  # every image pinned to a version
+        if "image" in service:
+            image = service["image"]
+            assert ":" in image and not image.endswith((":latest", ":")), (name, image)
+    api = services["api"]
+    assert "--no-proxy-headers" in api["command"]  # X-Forwarded-For only via TRUSTED_PROXIES
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    assert '"--no-proxy-headers"' in dockerfile
+    (base,) = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("FROM ")]
+    assert base.count(".") >= 2, base  # the base image too: a patch version, not a series
 
 
 def test_app_services_wait_for_their_dependencies(compose: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import unicodedata
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,8 +107,22 @@ def report_rows(
             return [header, *rows]
 
 
+#: Formula triggers, full-width forms included; an independent copy of the product's rule.
+TRIGGERS = ("=", "+", "-", "@", "\t", "\r", "\uff1d", "\uff0b", "\uff0d", "\uff20")
+
+
+def first_visible(value: str) -> str:
+    """The first character after Unicode White_Space (Zs, Zl, Zp, TAB..CR, NEL) and format
+    (Cf) characters, which a spreadsheet may trim on import."""
+    for ch in value:
+        hidden = unicodedata.category(ch) in ("Zs", "Zl", "Zp", "Cf") or ch in "\t\n\x0b\x0c\r\x85"
+        if not hidden:
+            return ch
+    return ""
+
+
 def guarded(value: str) -> str:
-    return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+    return "'" + value if value[:1] in TRIGGERS or first_visible(value) in TRIGGERS else value
 
 
 def download(client: TestClient, population: Population, url: str, who: str = "admin") -> Any:

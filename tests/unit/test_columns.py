@@ -31,6 +31,25 @@ def test_columns_follow_the_spec() -> None:
         ("plain", "plain"),
         ("a=b", "a=b"),
         ("", ""),
+        # Hidden behind White_Space or format (Cf) characters a spreadsheet trims on import.
+        (" =1+1", "' =1+1"),
+        ("\u00a0+1", "'\u00a0+1"),
+        ("\u3000-1", "'\u3000-1"),
+        ("\u200b@x", "'\u200b@x"),
+        ("\ufeff=1", "'\ufeff=1"),
+        ("\u2060\u200d=1", "'\u2060\u200d=1"),
+        ("\n=1", "'\n=1"),
+        # Full-width triggers, alone or hidden.
+        ("\uff1d1", "'\uff1d1"),
+        ("\uff0b1", "'\uff0b1"),
+        ("\uff0d1", "'\uff0d1"),
+        ("\uff20x", "'\uff20x"),
+        (" \uff1d1", "' \uff1d1"),
+        # Only looks close.
+        (" Anna", " Anna"),
+        ("\u00a0Bob", "\u00a0Bob"),
+        ("\u200b", "\u200b"),
+        ("Łukasz", "Łukasz"),
     ],
 )
 def test_formula_guard(value: str, expected: str) -> None:

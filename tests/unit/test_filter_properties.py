@@ -113,3 +113,37 @@ def test_valid_filters_survive_the_snapshot_and_the_query_string(filters: OrderF
     for key, value in filters.to_query():
         pairs.setdefault(key, []).append(value)
     assert parse_filters(pairs) == filters
+
+
+hostile_numbers = st.one_of(
+    st.text(st.characters(whitelist_categories=("Nd", "No", "Nl")), min_size=1, max_size=12),
+    st.builds(lambda m, e: f"{m}e{e}", st.integers(-(10**6), 10**6), st.integers(-(10**6), 10**6)),
+    st.integers(-(10**60), 10**60).map(str),
+    st.decimals(places=30).map(str),
+    st.floats().map(repr),
+)
+
+
+@given(st.sampled_from(["min_total", "max_total"]), hostile_numbers)
+def test_a_total_is_a_money_amount_or_a_named_error(name: str, text: str) -> None:
+    try:
+        filters = parse_filters({name: [text]})
+    except ValidationError as exc:
+        assert exc.field == name
+    else:
+        value = getattr(filters, name)
+        assert value is None or (
+            abs(value) < Decimal("1e10") and value == value.quantize(Decimal("0.01"))
+        )
+        assert text.strip().isascii()
+
+
+@given(st.integers(1, 3000), st.sampled_from(["[", '{"a":']))
+def test_deep_nesting_is_a_named_error(depth: int, opener: str) -> None:
+    raw: object = 1
+    for _ in range(depth):
+        raw = [raw] if opener == "[" else {"a": raw}
+    try:
+        parse_filter_object({"filters": raw} if opener == "[" else raw)
+    except ValidationError as exc:
+        assert exc.field
