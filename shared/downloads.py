@@ -84,13 +84,26 @@ def record(
     user_id: int | None,
     outcome: Outcome,
     client_ip: str | None,
+    byte_range: str | None = None,
+    redirect: bool = False,
 ) -> None:
-    """Append one attempt to the audit trail (``download_attempts``) and count it."""
+    """Append one attempt to the audit trail (``download_attempts``) and count it.
+
+    ``byte_range`` is the range served (``A-B``) when the request was ranged; ``redirect`` says
+    the caller was sent to storage with a presigned URL.
+    """
     try:
         key: uuid.UUID | None = uuid.UUID(export_id)
     except ValueError:
         key = None
     session.add(
-        DownloadAttempt(export_id=key, user_id=user_id, outcome=outcome.value, client_ip=client_ip)
+        DownloadAttempt(
+            export_id=key,
+            user_id=user_id,
+            outcome=outcome.value,
+            client_ip=client_ip,
+            byte_range=byte_range,
+            redirect=redirect,
+        )
     )
     metrics.DOWNLOADS.labels(outcome.value).inc()

@@ -20,6 +20,7 @@ __all__ = [
     "CHUNK_BYTES",
     "Storage",
     "check_key",
+    "check_range",
     "new_object_key",
     "storage_from_url",
 ]
@@ -54,8 +55,21 @@ class Storage(Protocol):
         """Store ``stream`` (read to EOF) under ``key`` atomically; return the byte count."""
         ...
 
-    def open(self, key: str) -> Iterator[bytes]:
-        """Stream the object in chunks; closing the iterator releases it (missing: StorageError)."""
+    def open(self, key: str, *, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
+        """Stream the object in chunks; closing the iterator releases it (missing: StorageError).
+
+        ``offset``/``length`` read one byte range natively (a seek, or a ranged GET): ``length``
+        bytes from ``offset`` (None: to the end). The range must lie within the object.
+        """
+        ...
+
+    def presigned_get(
+        self, key: str, *, expires_seconds: int, filename: str, content_type: str
+    ) -> str | None:
+        """A URL that serves the object as an attachment for ``expires_seconds`` without us.
+
+        None when the storage cannot serve downloads itself (a local directory).
+        """
         ...
 
     def delete(self, key: str) -> None:
@@ -82,6 +96,12 @@ def check_key(key: str) -> str:
     if not all(_KEY_SEGMENT.fullmatch(segment) for segment in key.split("/")):
         raise ValueError("invalid object key")
     return key
+
+
+def check_range(offset: int, length: int | None) -> None:
+    """Raise ValueError unless ``offset``/``length`` can describe a byte range."""
+    if offset < 0 or (length is not None and length < 0):
+        raise ValueError("offset and length must not be negative")
 
 
 def new_object_key(*, account_id: int, export_id: str) -> str:
