@@ -22,6 +22,7 @@ from shared.columns import COLUMN_SET_VERSION
 from shared.errors import (
     Conflict,
     ExportsDisabled,
+    Forbidden,
     NotFound,
     TooManyActiveExports,
     TooManyRows,
@@ -43,6 +44,8 @@ MAX_IDEMPOTENCY_KEY = 200
 #: Rows the request counts at most (bounded: a big account is never fully counted in a
 #: request); above it the planner's estimate stands in and the worker enforces the cap exactly.
 COUNT_BUDGET = 100_000
+#: Who the pages say deleted a file when no user of the account did (the support CLI).
+SUPPORT_NAME = "support"
 #: Options an export request may carry, with their types.
 OPTIONS = {"utf8_bom": bool}
 
@@ -205,6 +208,15 @@ def get_for_admin(session: Session, export_id: str, user: User) -> tuple[ExportJ
     return job, account
 
 
+def get_for_management(session: Session, export_id: str, user: User) -> tuple[ExportJob, Account]:
+    """The export, if the user is an admin of its account right now: members get Forbidden,
+    everyone else NotFound (deleting the file, reading the download audit)."""
+    job, account, role = export_for(session, export_id, user)
+    if role is not Role.ADMIN:
+        raise Forbidden("only account admins may do this")
+    return job, account
+
+
 def list_for_account(
     session: Session, slug: str, user: User, *, limit: int = 50
 ) -> tuple[Account, list[ExportJob]]:
@@ -267,6 +279,8 @@ def _requeue(
         sha256=None,
         file_name=None,
         worker_id=None,
+        file_deleted_at=None,
+        file_deleted_by=None,
     )
 
 
@@ -302,6 +316,7 @@ def delete_file(
         raise Conflict(f"only ready exports have a file to delete (this one is {job.state})")
     if job.storage_key:
         storage.delete(job.storage_key)
+    who = session.get(User, deleted_by) if deleted_by is not None else None
     moved = jobs.transition(
         session,
         job.id,
@@ -310,6 +325,8 @@ def delete_file(
         actor=actor,
         detail="deleted",
         storage_key=None,
+        file_deleted_at=func.now(),
+        file_deleted_by=who.display_name if who is not None else SUPPORT_NAME,
     )
     if moved is None:
         raise Conflict("the export changed state; reload and try again")
@@ -390,4 +407,10 @@ def to_json(
         "error": error,
         "download_url": download_url,
         "file": file,
+        "options": {"utf8_bom": job.utf8_bom, "compression": job.compression or "none"},
+        "deleted": (
+            {"at": _iso(job.file_deleted_at), "by": job.file_deleted_by}
+            if job.state is ExportState.EXPIRED and job.file_deleted_at is not None
+            else None
+        ),
     }

@@ -253,6 +253,9 @@ class ExportJob(Base):
     file_name: Mapped[str | None] = mapped_column(Text)
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)
     sha256: Mapped[str | None] = mapped_column(String(64))
+    #: When and by whom (the name shown, as it was then) the file was deleted before its expiry.
+    file_deleted_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    file_deleted_by: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         Index("export_jobs_account_created_idx", "account_id", "created_at"),

@@ -180,12 +180,22 @@ async def get_export(request: Request) -> Response:
 def act(
     request: Request, action: str, *, submitted_csrf: str | None = None
 ) -> tuple[ExportJob, Account, Caller]:
-    """Retry or cancel the export of the path; used by the API and the form."""
+    """Retry, cancel or delete the file of the export of the path; used by the API and forms."""
     app = request.app
     with app.state.sessions() as session, session.begin():
         caller = require_caller(request, session, submitted_csrf=submitted_csrf)
         export_id = request.path_params["export_id"]
-        if action == "retry":
+        if action == "delete_file":
+            found, account = exports.get_for_management(session, export_id, caller.user)
+            job = exports.delete_file(
+                session,
+                storage_of(app),
+                job=found,
+                account=account,
+                actor=f"user:{caller.user.id}",
+                deleted_by=caller.user.id,
+            )
+        elif action == "retry":
             job = exports.retry(
                 session,
                 settings=app.state.settings,
@@ -213,6 +223,24 @@ async def cancel_export(request: Request) -> Response:
 
 #: Content types of the stored files, by ``options.compression``.
 CONTENT_TYPES = {"none": "text/csv; charset=utf-8", "gzip": "application/gzip"}
+
+
+async def delete_file(request: Request) -> Response:
+    """``DELETE /api/v1/order-exports/{id}/file``: the file goes now, the export is expired."""
+    return JSONResponse(await run_in_threadpool(_act, request, "delete_file"), 200)
+
+
+def _downloads(request: Request) -> dict[str, Any]:
+    with request.app.state.sessions() as session:
+        caller = require_caller(request, session)
+        export_id = request.path_params["export_id"]
+        job, _ = exports.get_for_management(session, export_id, caller.user)
+        return {"downloads": downloads.recent(session, job.id)}
+
+
+async def list_downloads(request: Request) -> Response:
+    """``GET /api/v1/order-exports/{id}/downloads``: the audit trail, for account admins."""
+    return JSONResponse(await run_in_threadpool(_downloads, request))
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from starlette.responses import Response
 
 from services.api.auth import Caller, csrf_token, identify
 from services.api.errors import status_for
-from shared import exports
+from shared import downloads, exports
 from shared.errors import NotFound, OrdersExportError, Unauthenticated
 from shared.filters import DEFAULT_SORT, SORT_LABELS, OrderFilters, from_snapshot
 from shared.models import Account, ExportJob, Role
@@ -64,6 +64,9 @@ MESSAGES = {
     "working": "Working…",
     "canceled": "Export canceled.",
     "retried": "Export queued again.",
+    "deleted": "File deleted.",
+    "confirm_delete": "Delete this export's file now? It holds customer data; every link to it "
+    "stops working. This cannot be undone.",
     "session_ended": "Your session has ended. Reload the page to log in again.",
     "offline": "Could not reach the server; the list will update when it is back.",
 }
@@ -81,6 +84,21 @@ LANDING_NEXT = {
     "ready": "Use the fresh download link below; it is made for you.",
     "expired": "Export the same filters again for a fresh file.",
 }
+
+#: Download attempts listed on the export's page, newest first (count).
+PAGE_DOWNLOADS = 10
+#: How the export's page words each download outcome.
+DOWNLOAD_OUTCOMES = {
+    "ok": "Downloaded",
+    "unauthenticated": "Refused: not logged in",
+    "forbidden": "Refused: not an admin",
+    "not_found": "Refused: no such export",
+    "bad_signature": "Refused: link not valid for this user",
+    "link_expired": "Refused: link expired",
+    "file_expired": "Refused: file expired or deleted",
+}
+#: How the pages and the email name the options an export used.
+OPTION_LABELS = {"utf8_bom": "Excel-friendly (UTF-8 BOM)", "gzip": "Compressed (.csv.gz)"}
 
 #: Decimal units of file sizes.
 _SIZE_UNITS = ("bytes", "kB", "MB", "GB", "TB")
@@ -162,6 +180,26 @@ class ExportUi:
         link = 1 if export.get("download_url") else 0
         return f"{export['state']}|{error.get('code', '')}|{export['attempts']}|{link}"
 
+    def options(self, export: dict[str, Any]) -> str:
+        """The options the export used, in words ("" when none)."""
+        return options_text(export.get("options") or {})
+
+    def deleted(self, export: dict[str, Any]) -> str:
+        """``deleted by <name> at <time>`` when an admin deleted the file ("" otherwise)."""
+        deleted = export.get("deleted")
+        if not deleted:
+            return ""
+        return f"deleted by {deleted['by']} at {self.local_time(deleted['at'])}"
+
+    def download_outcome(self, attempt: dict[str, Any]) -> str:
+        outcome = str(attempt["outcome"])
+        text = DOWNLOAD_OUTCOMES.get(outcome, outcome)
+        if attempt.get("bytes"):
+            text += f" (bytes {attempt['bytes']})"
+        if attempt.get("redirect"):
+            text += " (sent to storage)"
+        return text
+
     def report_url(self, export: dict[str, Any]) -> str:
         """The report with the export's filters, to look at them again or change them."""
         return report_url(export["account"], from_snapshot(export["filters"]))
@@ -184,8 +222,19 @@ class ExportUi:
             "requested": {str(k): v for k, v in REQUESTED.items()},
             "messages": MESSAGES,
             "disabled": DISABLED,
+            "option_labels": OPTION_LABELS,
             **self.extra,
         }
+
+
+def options_text(options: dict[str, Any]) -> str:
+    """``Excel-friendly (UTF-8 BOM), Compressed (.csv.gz)``; "" for an export without options."""
+    words = []
+    if options.get("utf8_bom"):
+        words.append(OPTION_LABELS["utf8_bom"])
+    if options.get("compression") == "gzip":
+        words.append(OPTION_LABELS["gzip"])
+    return ", ".join(words)
 
 
 def report_url(slug: str, filters: OrderFilters) -> str:
@@ -262,11 +311,16 @@ def export_page(
     *,
     notice: str | None = None,
     status_code: int = 200,
+    confirm_delete: bool = False,
 ) -> Response:
-    """The export's own page (404 unless the caller is an admin of its account right now)."""
+    """The export's own page (404 unless the caller is an admin of its account right now).
+
+    ``confirm_delete`` shows the confirmation step of Delete file (the no-JavaScript way).
+    """
     with request.app.state.sessions() as session:
         job, account = exports.get_for_admin(session, export_id, caller.user)
         export = _to_json(request, job, account, caller)
+        recent = downloads.recent(session, job.id, limit=PAGE_DOWNLOADS)
     ui = ExportUi(
         csrf=csrf_token(request),
         timezone=account.timezone,
@@ -285,6 +339,8 @@ def export_page(
         "notice": notice,
         "flash": take_flash(request),
         "csrf": ui.csrf,
+        "downloads": recent,
+        "confirm_delete": confirm_delete and export["state"] == "ready",
     }
     templates = request.app.state.templates
     return templates.TemplateResponse(  # type: ignore[no-any-return]

@@ -7,6 +7,7 @@ the API's: the same use cases in ``shared.exports`` decide.
 
 from __future__ import annotations
 
+import functools
 from urllib.parse import quote
 
 from starlette.concurrency import run_in_threadpool
@@ -117,7 +118,7 @@ def _act(request: Request, action: str, form: FormData) -> Response:
     except SHOWN_ON_PAGE as exc:
         exportviews.flash(request, exc.message, kind="error")
     else:
-        done = "retried" if action == "retry" else "canceled"
+        done = {"retry": "retried", "cancel": "canceled", "delete_file": "deleted"}[action]
         exportviews.flash(request, exportviews.MESSAGES[done])
     return redirect(back)
 
@@ -132,3 +133,25 @@ async def cancel_export(request: Request) -> Response:
     """``POST /exports/{id}/cancel``, then back to where the button was."""
     form = await request.form()
     return await run_in_threadpool(_act, request, "cancel", form)
+
+
+async def confirm_delete_file(request: Request) -> Response:
+    """``GET /exports/{id}/delete-file``: the export's page asking to confirm Delete file."""
+    caller = await run_in_threadpool(_caller, request)
+    if caller is None:
+        return login_redirect(request)
+    return await run_in_threadpool(
+        functools.partial(
+            exportviews.export_page,
+            request,
+            caller,
+            request.path_params["export_id"],
+            confirm_delete=True,
+        )
+    )
+
+
+async def delete_file(request: Request) -> Response:
+    """``POST /exports/{id}/delete-file``: the confirmed Delete file, then back to the page."""
+    form = await request.form()
+    return await run_in_threadpool(_act, request, "delete_file", form)

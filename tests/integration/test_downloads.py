@@ -6,6 +6,7 @@ Real PostgreSQL and the real API with local storage; every request is checked an
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import uuid
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.testclient import TestClient
 
 from services.api.app import create_app
-from shared.models import DownloadAttempt
+from shared.models import DownloadAttempt, ExportJob
 from shared.settings import Settings
 from tests.integration.reportdata import Population, populate
 
@@ -208,3 +209,153 @@ def test_an_interrupted_download_resumes_like_curl_c(
     joined = bytes(received) + rest.content
     assert f'"{hashlib.sha256(joined).hexdigest()}"' == etag
     assert len(joined) == export["file"]["size_bytes"]
+
+
+# --- delete now --------------------------------------------------------------------------------
+
+
+def fresh_export(client: TestClient, population: Population) -> dict[str, Any]:
+    response = client.post(
+        "/api/v1/accounts/acme/order-exports",
+        json={"filters": {"status": ["paid"]}},
+        headers=bearer(population),
+    )
+    assert response.status_code == 201
+    return response.json()["export"]  # type: ignore[no-any-return]
+
+
+def test_an_admin_deletes_the_file_now_and_every_link_then_answers_410(
+    client: TestClient, population: Population, sessions: sessionmaker[Session]
+) -> None:
+    import json
+
+    from shared.events import decode
+    from shared.models import ExportTransition, OutboxMessage
+
+    # Given a ready export whose file is stored
+    export = fresh_export(client, population)
+    storage = client.app.state.storage  # type: ignore[attr-defined]
+    with sessions() as session:
+        key = session.get_one(ExportJob, uuid.UUID(export["id"])).storage_key
+    assert key is not None and storage.exists(key)
+    # When an admin deletes it
+    response = client.delete(
+        f"/api/v1/order-exports/{export['id']}/file", headers=bearer(population)
+    )
+    # Then the export is expired at once and says by whom; the object is gone
+    assert response.status_code == 200
+    deleted = response.json()["export"]
+    assert deleted["state"] == "expired" and deleted["download_url"] is None
+    assert deleted["deleted"]["by"] == "admin" and deleted["deleted"]["at"]
+    assert not storage.exists(key)
+    assert get(client, population, export["download_url"]).status_code == 410
+    with sessions() as session:
+        history = session.scalars(
+            select(ExportTransition)
+            .where(ExportTransition.export_id == uuid.UUID(export["id"]))
+            .order_by(ExportTransition.id.desc())
+        ).first()
+        events = [
+            decode(json.dumps(m.payload).encode())
+            for m in session.scalars(select(OutboxMessage).where(OutboxMessage.key == export["id"]))
+        ]
+        admin_id = session.get_one(ExportJob, uuid.UUID(export["id"])).requested_by
+    assert history is not None
+    assert (history.to_state, history.detail, history.actor) == (
+        "expired",
+        "deleted",
+        f"user:{admin_id}",
+    )
+    expired = [e for e in events if type(e).__name__ == "ExportExpired"]
+    assert [(e.reason, e.deleted_by) for e in expired] == [("deleted", admin_id)]  # type: ignore[attr-defined]
+    # And a second delete is a conflict: there is no file any more
+    again = client.delete(f"/api/v1/order-exports/{export['id']}/file", headers=bearer(population))
+    assert again.status_code == 409
+
+
+def test_only_admins_of_the_account_delete_files(
+    client: TestClient, population: Population
+) -> None:
+    export = fresh_export(client, population)
+    url = f"/api/v1/order-exports/{export['id']}/file"
+    assert client.delete(url, headers=bearer(population, "member")).status_code == 403
+    assert client.delete(url, headers=bearer(population, "outsider")).status_code == 404
+    assert client.delete(url).status_code == 401
+    assert get(client, population, export["download_url"]).status_code == 200
+
+
+def test_a_cookie_caller_needs_the_csrf_token_to_delete(
+    client: TestClient, population: Population
+) -> None:
+    export = fresh_export(client, population)
+    browser = TestClient(client.app, base_url="http://127.0.0.1")
+    login = browser.post(
+        "/login", data={"email": "admin@acme.test", "password": "correct horse battery"}
+    )
+    assert login.status_code == 200
+    url = f"/api/v1/order-exports/{export['id']}/file"
+    assert browser.delete(url).status_code == 403
+    assert browser.delete(url, headers={"X-CSRF-Token": "forged"}).status_code == 403
+    page = browser.get(f"/exports/{export['id']}", headers={"Accept": "text/html"}).text
+    csrf = page.split('name="csrf_token" value="', 1)[1].split('"', 1)[0]
+    assert browser.delete(url, headers={"X-CSRF-Token": csrf}).status_code == 200
+
+
+# --- download audit ---------------------------------------------------------------------------
+
+
+def test_admins_see_who_downloaded_newest_first(
+    client: TestClient, population: Population, sessions: sessionmaker[Session]
+) -> None:
+    export = fresh_export(client, population)
+    url = export["download_url"]
+    assert get(client, population, url, Range="bytes=0-99").status_code == 206
+    assert get(client, population, url, "member").status_code == 403
+    assert get(client, population, url).status_code == 200
+    response = client.get(
+        f"/api/v1/order-exports/{export['id']}/downloads", headers=bearer(population)
+    )
+    assert response.status_code == 200
+    rows = response.json()["downloads"]
+    assert [(r["outcome"], r["bytes"], r["redirect"]) for r in rows] == [
+        ("ok", None, False),
+        ("forbidden", None, False),
+        ("ok", "0-99", False),
+    ]
+    assert [r["user"]["email"] for r in rows] == [
+        "admin@acme.test",
+        "member@acme.test",
+        "admin@acme.test",
+    ]
+    assert all(isinstance(r["user"]["id"], int) for r in rows)
+    assert all(r["client_ip"] == "testclient" for r in rows)
+    moments = [dt.datetime.fromisoformat(r["at"]) for r in rows]
+    assert all(m.tzinfo is not None for m in moments) and moments == sorted(moments, reverse=True)
+
+
+def test_the_download_audit_is_for_admins_of_the_account(
+    client: TestClient, population: Population, export: dict[str, Any]
+) -> None:
+    url = f"/api/v1/order-exports/{export['id']}/downloads"
+    assert client.get(url, headers=bearer(population, "member")).status_code == 403
+    assert client.get(url, headers=bearer(population, "outsider")).status_code == 404
+    assert client.get(url).status_code == 401
+    unknown = f"/api/v1/order-exports/{uuid.uuid4()}/downloads"
+    assert client.get(unknown, headers=bearer(population)).status_code == 404
+
+
+def test_the_download_audit_lists_at_most_500_and_keeps_anonymous_attempts(
+    client: TestClient, population: Population, sessions: sessionmaker[Session]
+) -> None:
+    export = fresh_export(client, population)
+    with sessions() as session, session.begin():
+        session.add_all(
+            DownloadAttempt(export_id=uuid.UUID(export["id"]), user_id=None, outcome="ok")
+            for _ in range(510)
+        )
+    assert client.get(export["download_url"]).status_code == 401  # no caller: user null
+    rows = client.get(
+        f"/api/v1/order-exports/{export['id']}/downloads", headers=bearer(population)
+    ).json()["downloads"]
+    assert len(rows) == 500
+    assert rows[0]["outcome"] == "unauthenticated" and rows[0]["user"] is None

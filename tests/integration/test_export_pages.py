@@ -16,6 +16,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
+from zoneinfo import ZoneInfo
 
 import httpx2
 import pytest
@@ -34,7 +35,7 @@ from shared.runner import ExportRunner, Outcome
 from shared.settings import Settings
 from shared.signing import SigningKeys, download_path
 from tests.integration.exportdata import make_job
-from tests.integration.reportdata import Population, populate
+from tests.integration.reportdata import TIMEZONE, Population, populate
 
 THRESHOLD = 200
 PASSWORD = "correct horse battery"
@@ -440,3 +441,73 @@ def test_expired_file_lands_on_the_export_page_with_re_export(
     api = TestClient(app, base_url="http://127.0.0.1")
     response = api.get(link, headers={"Authorization": f"Bearer {population.tokens['admin']}"})
     assert response.status_code == 404  # queued again: no file (JSON as before)
+
+
+def _ready_export(admin: TestClient, filters: str = "status=canceled&channel=phone") -> str:
+    """A small export made in the request through the page's own form; its id."""
+    fields = Forms(admin.get(f"/accounts/acme/orders?{filters}").text).find(id="export-form")
+    page = submit(admin, "/accounts/acme/exports", fields)
+    ready = [i for i, state in item_states(page.text).items() if state == "ready"]
+    assert ready, page.text
+    return ready[0]
+
+
+def test_no_js_delete_file_asks_first_then_expires_the_export(
+    app: Starlette, sessions: sessionmaker[Session]
+) -> None:
+    admin = browser(app, "admin@acme.test")
+    export_id = _ready_export(admin)
+    page = admin.get(f"/exports/{export_id}").text
+    link = re.search(r'href="([^"]+)"[^>]*>Delete file<', page)
+    # Given the Delete file control of a ready export: a link to a confirmation step
+    assert link and link.group(1) == f"/exports/{export_id}/delete-file"
+    confirm = admin.get(link.group(1))
+    assert confirm.status_code == 200 and confirm.headers["cache-control"] == "no-store"
+    assert "cannot be undone" in confirm.text
+    assert item_states(admin.get(f"/exports/{export_id}").text)[export_id] == "ready"  # not yet
+    fields = Forms(confirm.text).find(action=f"/exports/{export_id}/delete-file", method="post")
+    # The form needs the CSRF token
+    forged = [(k, "forged" if k == "csrf_token" else v) for k, v in fields]
+    refused = submit(admin, f"/exports/{export_id}/delete-file", forged, follow_redirects=False)
+    assert refused.status_code == 403
+    # When the user confirms
+    done = submit(admin, f"/exports/{export_id}/delete-file", fields, follow_redirects=False)
+    # Then the export's page shows it expired, deleted by whom and when
+    assert done.status_code == 303 and done.headers["location"] == f"/exports/{export_id}"
+    after = admin.get(done.headers["location"]).text
+    assert item_states(after)[export_id] == "expired"
+    assert flash_of(after) == "File deleted."
+    with sessions() as session:
+        job = session.get_one(ExportJob, uuid.UUID(export_id))
+        assert job.file_deleted_at is not None
+        shown = job.file_deleted_at.astimezone(ZoneInfo(TIMEZONE)).strftime("%Y-%m-%d %H:%M")
+    assert f"The file was deleted by admin at {shown}." in after
+    assert "Delete file" not in after
+    # And a second confirmation is refused on the page (nothing left to delete)
+    again = submit(admin, f"/exports/{export_id}/delete-file", fields)
+    assert "only ready exports have a file to delete" in flash_of(again.text)
+
+
+def test_members_cannot_reach_the_delete_step(app: Starlette) -> None:
+    admin = browser(app, "admin@acme.test")
+    export_id = _ready_export(admin, "status=canceled&channel=pos")
+    member = browser(app, "member@acme.test")
+    assert member.get(f"/exports/{export_id}/delete-file").status_code == 404
+
+
+def test_the_export_page_lists_the_latest_downloads(app: Starlette) -> None:
+    admin = browser(app, "admin@acme.test")
+    export_id = _ready_export(admin, "status=canceled&channel=web")
+    page = admin.get(f"/exports/{export_id}").text
+    assert "No downloads yet." in page
+    link = re.search(r'data-field="download" href="([^"]+)"', page)
+    assert link
+    url = link.group(1).replace("&amp;", "&")
+    assert admin.get(url, headers={"Range": "bytes=0-9"}).status_code == 206
+    assert browser(app, "member@acme.test").get(url).status_code == 403
+    listed = admin.get(f"/exports/{export_id}").text
+    section = listed.split('id="downloads"', 1)[1].split("</section>", 1)[0]
+    rows = re.findall(r"<tr>(.*?)</tr>", section, re.S)[1:]
+    assert len(rows) == 2
+    assert "member@acme.test" in rows[0] and "Refused: not an admin" in rows[0]
+    assert "admin@acme.test" in rows[1] and "Downloaded (bytes 0-9)" in rows[1]

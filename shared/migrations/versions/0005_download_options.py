@@ -1,4 +1,4 @@
-"""downloads: compression option, ranged and redirected attempts in the audit trail
+"""downloads: compression option, who deleted a file, ranged and redirected attempts
 
 Revision ID: 0005
 Revises: 0002
@@ -23,6 +23,10 @@ def upgrade() -> None:
     op.create_check_constraint(
         "compression_known", "export_jobs", "compression IN ('none', 'gzip')"
     )
+    op.add_column(
+        "export_jobs", sa.Column("file_deleted_at", sa.DateTime(timezone=True), nullable=True)
+    )
+    op.add_column("export_jobs", sa.Column("file_deleted_by", sa.Text(), nullable=True))
     op.add_column("download_attempts", sa.Column("byte_range", sa.Text(), nullable=True))
     op.add_column(
         "download_attempts",
@@ -33,5 +37,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_column("download_attempts", "redirect")
     op.drop_column("download_attempts", "byte_range")
+    op.drop_column("export_jobs", "file_deleted_by")
+    op.drop_column("export_jobs", "file_deleted_at")
     op.drop_constraint("compression_known", "export_jobs", type_="check")
     op.drop_column("export_jobs", "compression")
