@@ -46,8 +46,10 @@ MAX_IDEMPOTENCY_KEY = 200
 COUNT_BUDGET = 100_000
 #: Who the pages say deleted a file when no user of the account did (the support CLI).
 SUPPORT_NAME = "support"
-#: Options an export request may carry, with their types.
-OPTIONS = {"utf8_bom": bool}
+#: Options an export request may carry, with their defaults (a value's type is its default's).
+DEFAULT_OPTIONS: dict[str, Any] = {"utf8_bom": False, "compression": "none"}
+#: The values ``options.compression`` accepts.
+COMPRESSIONS = ("none", "gzip")
 
 
 @dataclass(frozen=True)
@@ -66,16 +68,33 @@ def filters_digest(filters: OrderFilters) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def request_digest(filters: OrderFilters, options: dict[str, Any]) -> str:
+    """What the duplicate check compares: the filters and the options that differ from their
+    defaults (so a request without options has the digest of its filters alone)."""
+    chosen = {k: v for k, v in options.items() if v != DEFAULT_OPTIONS[k]}
+    if not chosen:
+        return filters_digest(filters)
+    canonical = json.dumps(
+        {"filters": filters.to_snapshot(), "options": chosen},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def parse_options(raw: object) -> dict[str, Any]:
+    options = dict(DEFAULT_OPTIONS)
     if raw is None:
-        return {"utf8_bom": False}
+        return options
     if not isinstance(raw, dict):
         raise ValidationError("options", "expected a JSON object")
-    options: dict[str, Any] = {"utf8_bom": False}
     for name, value in raw.items():
-        if name not in OPTIONS:
+        if name not in DEFAULT_OPTIONS:
             raise ValidationError(f"options.{name}", "unknown option")
-        if not isinstance(value, OPTIONS[name]):
+        if name == "compression":
+            if value not in COMPRESSIONS or not isinstance(value, str):
+                raise ValidationError("options.compression", 'expected "none" or "gzip"')
+        elif not isinstance(value, bool):
             raise ValidationError(f"options.{name}", "expected true or false")
         options[name] = value
     return options
@@ -142,7 +161,7 @@ def request_export(
     filters, options = parse_request_body(body)
     if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
         raise ValidationError("Idempotency-Key", f"1 to {MAX_IDEMPOTENCY_KEY} characters")
-    digest = filters_digest(filters)
+    digest = request_digest(filters, options)
 
     # Serialise this user's requests: the cap and the duplicate check see each other's writes.
     session.execute(select(User.id).where(User.id == user.id).with_for_update())
@@ -171,6 +190,7 @@ def request_export(
         column_set_version=COLUMN_SET_VERSION,
         timezone=account.timezone,
         utf8_bom=options["utf8_bom"],
+        compression=options["compression"],
         idempotency_key=idempotency_key,
         max_attempts=settings.export_max_attempts,
         enqueued_at=None if inline else func.now(),

@@ -279,6 +279,30 @@ def test_local_storage_has_no_presigned_urls(tmp_path: Path) -> None:
     )
 
 
+# --- gzip --------------------------------------------------------------------------------------
+
+
+def test_a_gzip_copy_stream_goes_up_in_parts_and_gunzips_to_the_csv(storage: Storage) -> None:
+    """12 MiB of hardly compressible rows: 3 parts of 5 MiB to S3, in constant memory."""
+    import gzip
+
+    from shared.csvfile import GzipCopyStream
+
+    rng = random.Random(5)
+    rows = [rng.randbytes(600) + b"\n" for _ in range(21_000)]  # 12.6 MB of noise
+    stream = GzipCopyStream(chunks=iter(rows), prefix=b"header\n")
+    key = _key()
+    written = storage.put(key, cast(BinaryIO, stream))
+    stored = b"".join(storage.open(key))
+    assert written == stream.size == len(stored) > 2 * PART_SIZE_MIB * MIB
+    assert stream.sha256 == hashlib.sha256(stored).hexdigest()
+    assert stream.rows == len(rows)
+    assert gzip.decompress(stored) == b"header\n" + b"".join(rows)
+    if isinstance(storage, S3Storage):
+        head = _s3_client(storage.endpoint).head_object(Bucket=storage.bucket, Key=key)
+        assert head["ETag"].strip('"').endswith("-3")  # a multipart upload of 3 parts
+
+
 # --- atomicity ---------------------------------------------------------------------------------
 
 
