@@ -359,3 +359,15 @@ def test_the_download_audit_lists_at_most_500_and_keeps_anonymous_attempts(
     ).json()["downloads"]
     assert len(rows) == 500
     assert rows[0]["outcome"] == "unauthenticated" and rows[0]["user"] is None
+
+
+def test_redirect_mode_with_local_storage_still_streams(
+    settings: Settings, population: Population, tmp_path: Path
+) -> None:
+    app_settings = settings.model_copy(
+        update={"storage_url": tmp_path.as_uri(), "export_download_redirect_seconds": 60}
+    )
+    with TestClient(create_app(app_settings), base_url="http://127.0.0.1") as local:
+        export = fresh_export(local, population)
+        response = get(local, population, export["download_url"], Range="bytes=0-9")
+    assert response.status_code == 206 and len(response.content) == 10
