@@ -68,6 +68,25 @@ def filters_digest(filters: OrderFilters) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+#: How the pages and the email name the options an export used.
+OPTION_LABELS = {"utf8_bom": "Excel-friendly (UTF-8 BOM)", "gzip": "Compressed (.csv.gz)"}
+
+
+def options_text(options: dict[str, Any]) -> str:
+    """``Excel-friendly (UTF-8 BOM), Compressed (.csv.gz)``; "" for an export without options."""
+    words = []
+    if options.get("utf8_bom"):
+        words.append(OPTION_LABELS["utf8_bom"])
+    if options.get("compression") == "gzip":
+        words.append(OPTION_LABELS["gzip"])
+    return ", ".join(words)
+
+
+def job_options(job: ExportJob) -> dict[str, Any]:
+    """The ``options`` an export was requested with (``<Export>.options``)."""
+    return {"utf8_bom": job.utf8_bom, "compression": job.compression or "none"}
+
+
 def request_digest(filters: OrderFilters, options: dict[str, Any]) -> str:
     """What the duplicate check compares: the filters and the options that differ from their
     defaults (so a request without options has the digest of its filters alone)."""
@@ -427,7 +446,7 @@ def to_json(
         "error": error,
         "download_url": download_url,
         "file": file,
-        "options": {"utf8_bom": job.utf8_bom, "compression": job.compression or "none"},
+        "options": job_options(job),
         "deleted": (
             {"at": _iso(job.file_deleted_at), "by": job.file_deleted_by}
             if job.state is ExportState.EXPIRED and job.file_deleted_at is not None

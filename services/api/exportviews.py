@@ -97,8 +97,6 @@ DOWNLOAD_OUTCOMES = {
     "link_expired": "Refused: link expired",
     "file_expired": "Refused: file expired or deleted",
 }
-#: How the pages and the email name the options an export used.
-OPTION_LABELS = {"utf8_bom": "Excel-friendly (UTF-8 BOM)", "gzip": "Compressed (.csv.gz)"}
 
 #: Decimal units of file sizes.
 _SIZE_UNITS = ("bytes", "kB", "MB", "GB", "TB")
@@ -182,7 +180,7 @@ class ExportUi:
 
     def options(self, export: dict[str, Any]) -> str:
         """The options the export used, in words ("" when none)."""
-        return options_text(export.get("options") or {})
+        return exports.options_text(export.get("options") or {})
 
     def deleted(self, export: dict[str, Any]) -> str:
         """``deleted by <name> at <time>`` when an admin deleted the file ("" otherwise)."""
@@ -222,19 +220,9 @@ class ExportUi:
             "requested": {str(k): v for k, v in REQUESTED.items()},
             "messages": MESSAGES,
             "disabled": DISABLED,
-            "option_labels": OPTION_LABELS,
+            "option_labels": exports.OPTION_LABELS,
             **self.extra,
         }
-
-
-def options_text(options: dict[str, Any]) -> str:
-    """``Excel-friendly (UTF-8 BOM), Compressed (.csv.gz)``; "" for an export without options."""
-    words = []
-    if options.get("utf8_bom"):
-        words.append(OPTION_LABELS["utf8_bom"])
-    if options.get("compression") == "gzip":
-        words.append(OPTION_LABELS["gzip"])
-    return ", ".join(words)
 
 
 def report_url(slug: str, filters: OrderFilters) -> str:

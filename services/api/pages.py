@@ -30,6 +30,8 @@ from shared.errors import (
 from shared.filters import OrderFilters, from_snapshot, parse_filter_object
 from shared.models import ExportState
 
+#: Fields of the Export CSV form that are options, not filters.
+OPTION_FIELDS = frozenset({"utf8_bom", "compression"})
 #: Refusals the user can act on: shown on the page they came from, not as an error page.
 SHOWN_ON_PAGE: tuple[type[OrdersExportError], ...] = (
     Conflict,
@@ -63,11 +65,22 @@ def filters_object(form: FormData) -> dict[str, object]:
     """The form's filter fields as the API's ``filters`` object (validated by the use case)."""
     fields: dict[str, object] = {}
     for name in form:
-        if name == CSRF_FIELD:
+        if name == CSRF_FIELD or name in OPTION_FIELDS:
             continue
         values = [v for v in form.getlist(name) if isinstance(v, str)]
         fields[name] = values[0] if len(values) == 1 else values
     return fields
+
+
+def options_object(form: FormData) -> dict[str, object]:
+    """The form's option checkboxes as the API's ``options`` object (unticked: the default)."""
+    options: dict[str, object] = {}
+    if form.get("utf8_bom") == "true":
+        options["utf8_bom"] = True
+    compression = form.get("compression")
+    if isinstance(compression, str) and compression:
+        options["compression"] = compression  # validated by the use case
+    return options
 
 
 def _login_then(path: str) -> Response:
@@ -80,7 +93,10 @@ def _request_export(request: Request, form: FormData) -> Response:
     fields = filters_object(form)
     try:
         created = exports.create(
-            request, {"filters": fields}, None, submitted_csrf=_submitted_csrf(form)
+            request,
+            {"filters": fields, "options": options_object(form)},
+            None,
+            submitted_csrf=_submitted_csrf(form),
         )
     except Unauthenticated:
         return _login_then(f"/accounts/{slug}/orders")

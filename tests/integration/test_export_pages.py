@@ -95,6 +95,8 @@ class Forms(HTMLParser):
         values = {k: v or "" for k, v in attrs}
         if tag == "form":
             self.forms.append((values, []))
+        elif tag == "input" and values.get("type") == "checkbox" and "checked" not in values:
+            pass  # an unticked box is not sent
         elif tag == "input" and self.forms and "name" in values:
             self.forms[-1][1].append((values["name"], values.get("value", "")))
 
@@ -511,3 +513,42 @@ def test_the_export_page_lists_the_latest_downloads(app: Starlette) -> None:
     assert len(rows) == 2
     assert "member@acme.test" in rows[0] and "Refused: not an admin" in rows[0]
     assert "admin@acme.test" in rows[1] and "Downloaded (bytes 0-9)" in rows[1]
+
+
+def test_the_export_form_offers_the_two_options_and_the_panel_shows_them(
+    app: Starlette, sessions: sessionmaker[Session]
+) -> None:
+    admin = browser(app, "admin@acme.test")
+    page = admin.get("/accounts/acme/orders?status=canceled&channel=marketplace").text
+    form = page.split('id="export-form"', 1)[1].split("</form>", 1)[0]
+    bom = re.search(r'<input type="checkbox" name="utf8_bom" value="true" id="([\w-]+)"', form)
+    gzip = re.search(r'<input type="checkbox" name="compression" value="gzip" id="([\w-]+)"', form)
+    assert bom and gzip
+    assert f'<label for="{bom.group(1)}">Excel-friendly (UTF-8 BOM)</label>' in form
+    assert f'<label for="{gzip.group(1)}">Compress (.csv.gz)</label>' in form
+    # Ticking both: the export uses both options, and the panel says so
+    fields = [*Forms(page).find(id="export-form"), ("utf8_bom", "true"), ("compression", "gzip")]
+    done = submit(admin, "/accounts/acme/exports", fields)
+    assert flash_of(done.text).startswith("Your export is ready")
+    export_id = next(iter(item_states(done.text)))
+    with sessions() as session:
+        job = session.get_one(ExportJob, uuid.UUID(export_id))
+        assert (job.utf8_bom, job.compression) == (True, "gzip")
+        assert job.file_name is not None and job.file_name.endswith(".csv.gz")
+        assert (
+            job.filters
+            == OrderFilters(status=("canceled",), channel=("marketplace",)).to_snapshot()
+        )
+    item = done.text.split(f'id="export-{export_id}"', 1)[1].split("</li>", 1)[0]
+    assert "Excel-friendly (UTF-8 BOM), Compressed (.csv.gz)" in item
+    own = admin.get(f"/exports/{export_id}").text
+    assert "<dt>Options</dt><dd>Excel-friendly (UTF-8 BOM), Compressed (.csv.gz)</dd>" in own
+    # Ticking none: a plain export, shown without options
+    plain = submit(admin, "/accounts/acme/exports", Forms(page).find(id="export-form"))
+    plain_id = next(iter(item_states(plain.text)))
+    with sessions() as session:
+        job = session.get_one(ExportJob, uuid.UUID(plain_id))
+        assert (job.utf8_bom, job.compression) == (False, "none")
+    plain_item = plain.text.split(f'id="export-{plain_id}"', 1)[1].split("</li>", 1)[0]
+    assert "export-options" not in plain_item
+    assert "Compress" in config_of(page)["option_labels"]["gzip"]

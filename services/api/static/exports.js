@@ -302,7 +302,12 @@
       button.disabled = true;
       say(config.messages.requesting);
       try {
-        const response = await post(config.create_url, { filters: config.filters });
+        const options = {}; // the two checkboxes, as the plain form sends them
+        const bom = exportForm.querySelector('input[name="utf8_bom"]');
+        const gzip = exportForm.querySelector('input[name="compression"]');
+        if (bom && bom.checked) options.utf8_bom = true;
+        if (gzip && gzip.checked) options.compression = gzip.value;
+        const response = await post(config.create_url, { filters: config.filters, options });
         if (response.ok) {
           const body = await response.json();
           generation += 1;
