@@ -12,8 +12,8 @@ way most apps do it, measured side by side in ONE run on the embedded local stac
 4. the product over HTTP: POST -> ready wall time, the worker's own time, rows/s, MB/s, queue
    wait, POST latency p50/p99, peak RSS of the worker process, progress update gaps;
 5. the report API's p50/p99 under steady concurrent load, without and with exports running;
-6. downloads: the file streamed through the API (all checks, audit row) against reading the same
-   object from storage directly, MB/s of each;
+6. downloads: the file streamed through the API (all checks, audit row; fetched with curl when
+   it is installed) against reading the same object from storage directly, MB/s of each;
 7. gzip: the same export with ``options.compression = "gzip"``, POST -> ready and file size
    against the plain one.
 
@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -55,7 +56,7 @@ from shared.csvfile import copy_statement
 from shared.db import sqlalchemy_url
 from shared.filters import OrderFilters
 from shared.models import Account, ExportJob, Order
-from shared.storage import storage_from_url
+from shared.storage import Storage, storage_from_url
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -321,7 +322,31 @@ DOWNLOAD_CHUNK = 1 << 20
 
 
 def download_through_api(client: httpx2.Client, url: str) -> int:
-    """GET the signed link as a client does; the bytes are counted and dropped."""
+    """GET the signed link as a client does; the bytes are counted and dropped.
+
+    With curl on the machine it is the client (a Python client tops out below the server's
+    speed); otherwise httpx.
+    """
+    curl = shutil.which("curl")
+    if curl is not None:
+        token = client.headers["Authorization"]
+        written = subprocess.run(
+            [
+                curl,
+                "-sSf",
+                "-o",
+                os.devnull,
+                "-w",
+                "%{size_download}",
+                "-H",
+                f"Authorization: {token}",
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return int(written)
     size = 0
     with client.stream("GET", url) as response:
         response.raise_for_status()
@@ -330,14 +355,18 @@ def download_through_api(client: httpx2.Client, url: str) -> int:
     return size
 
 
-def read_from_storage(storage_url: str, database_url: str, export_id: str) -> int:
-    """The same object read straight from storage (the ceiling of any download path)."""
+def storage_key(database_url: str, export_id: str) -> str:
     engine = create_engine(sqlalchemy_url(database_url))
     with Session(engine) as session:
         key = session.get_one(ExportJob, uuid.UUID(export_id)).storage_key
     engine.dispose()
     assert key is not None
-    return sum(len(chunk) for chunk in storage_from_url(storage_url).open(key))
+    return key
+
+
+def read_from_storage(storage: Storage, key: str) -> int:
+    """The same object read straight from storage (the ceiling of any download path)."""
+    return sum(len(chunk) for chunk in storage.open(key))
 
 
 def post_latencies(client: httpx2.Client, count: int) -> list[float]:
@@ -463,9 +492,10 @@ def main() -> int:
                 results["download_api_seconds"], _ = median_time(
                     lambda: download_through_api(client, runs[0]["download_url"]), args.runs
                 )
+                storage = storage_from_url(env["STORAGE_URL"])
+                key = storage_key(database_url, runs[0]["id"])
                 results["download_storage_seconds"], _ = median_time(
-                    lambda: read_from_storage(env["STORAGE_URL"], database_url, runs[0]["id"]),
-                    args.runs,
+                    lambda: read_from_storage(storage, key), args.runs
                 )
                 results["post_latencies_seconds"] = post_latencies(client, 50)
             results["worker_peak_rss_mib"] = peak_rss_mib(worker_process(dev))

@@ -204,7 +204,7 @@ def test_open_closed_early_releases_and_later_reads_still_work(storage: Storage)
 
 @pytest.mark.parametrize(
     ("offset", "length"),
-    [(0, 10), (1000, None), (CHUNK_BYTES - 3, 7), (3 * CHUNK_BYTES + 5, CHUNK_BYTES * 2), (5, 0)],
+    [(0, 10), (1000, None), (CHUNK_BYTES - 3, 7), (CHUNK_BYTES + 5, 3 * BLOCK_BYTES), (5, 0)],
 )
 def test_open_reads_one_byte_range(storage: Storage, offset: int, length: int | None) -> None:
     key = _key()
