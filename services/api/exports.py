@@ -308,7 +308,7 @@ def _authorize_download(request: Request) -> _File:
             user_id=user_id,
             outcome=outcome,
             client_ip=client_ip,
-            byte_range=file.range.spec if file and file.range and not file.unsatisfiable else None,
+            byte_range=file.range.spec if file and file.range else None,
             redirect=file is not None and file.redirect_url is not None,
         )
         session.commit()
@@ -328,7 +328,11 @@ def _authorize_download(request: Request) -> _File:
         except OrdersExportError as exc:
             audit(session, downloads.outcome_of(exc))
             raise
-        file = _file_of(request, job)
+        try:
+            file = _file_of(request, job)
+        except OrdersExportError:  # storage unreachable: authorized, audited, then a 503
+            audit(session, downloads.Outcome.OK)
+            raise
         audit(session, downloads.Outcome.OK, file)
         return file
 
