@@ -58,6 +58,10 @@ REQUESTED = {
     202: "Export requested. It runs in the background: follow it in the Exports panel; "
     "we also email you when it is ready.",
 }
+#: What Delete file warns of before it deletes (the confirmation step and dialog).
+DELETE_WARNING = (
+    "It holds customer data; every link to it stops working for everyone. This cannot be undone."
+)
 #: What the buttons say (and what the script says while it waits).
 MESSAGES = {
     "requesting": "Requesting the export…",
@@ -65,8 +69,7 @@ MESSAGES = {
     "canceled": "Export canceled.",
     "retried": "Export queued again.",
     "deleted": "File deleted.",
-    "confirm_delete": "Delete this export's file now? It holds customer data; every link to it "
-    "stops working. This cannot be undone.",
+    "confirm_delete": "Delete this export's file now? " + DELETE_WARNING,
     "session_ended": "Your session has ended. Reload the page to log in again.",
     "offline": "Could not reach the server; the list will update when it is back.",
 }
@@ -221,6 +224,7 @@ class ExportUi:
             "messages": MESSAGES,
             "disabled": DISABLED,
             "option_labels": exports.OPTION_LABELS,
+            "delete_warning": DELETE_WARNING,
             **self.extra,
         }
 
