@@ -11,7 +11,11 @@ way most apps do it, measured side by side in ONE run on the embedded local stac
    csv.writer, formatting values in Python as the report shows them;
 4. the product over HTTP: POST -> ready wall time, the worker's own time, rows/s, MB/s, queue
    wait, POST latency p50/p99, peak RSS of the worker process, progress update gaps;
-5. the report API's p50/p99 under steady concurrent load, without and with exports running.
+5. the report API's p50/p99 under steady concurrent load, without and with exports running;
+6. downloads: the file streamed through the API (all checks, audit row; fetched with curl when
+   it is installed) against reading the same object from storage directly, MB/s of each;
+7. gzip: the same export with ``options.compression = "gzip"``, POST -> ready and file size
+   against the plain one.
 
 Prints a table and writes ``benchmarks/results/export-<rows>.json``.
 """
@@ -26,6 +30,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -33,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from decimal import Decimal
@@ -49,7 +55,8 @@ from sqlalchemy.orm import Session
 from shared.csvfile import copy_statement
 from shared.db import sqlalchemy_url
 from shared.filters import OrderFilters
-from shared.models import Account, Order
+from shared.models import Account, ExportJob, Order
+from shared.storage import Storage, storage_from_url
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -263,10 +270,17 @@ def peak_rss_mib(process: psutil.Process) -> float:
 
 
 def run_export(
-    client: httpx2.Client, filters: dict[str, Any], *, watch_progress: bool = False
+    client: httpx2.Client,
+    filters: dict[str, Any],
+    *,
+    watch_progress: bool = False,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     started = time.perf_counter()
-    response = client.post("/api/v1/accounts/acme/order-exports", json={"filters": filters})
+    response = client.post(
+        "/api/v1/accounts/acme/order-exports",
+        json={"filters": filters, "options": options or {}},
+    )
     post_seconds = time.perf_counter() - started
     response.raise_for_status()
     export = response.json()["export"]
@@ -291,6 +305,7 @@ def run_export(
     gaps = [b - a for a, b in itertools.pairwise(changes)]
     return {
         "id": export["id"],
+        "download_url": export["download_url"],
         "wall_seconds": wall,
         "post_seconds": post_seconds,
         "worker_seconds": (finished - begun).total_seconds(),
@@ -300,6 +315,58 @@ def run_export(
         "max_progress_gap_seconds": max(gaps) if gaps else None,
         "progress_updates": len(changes),
     }
+
+
+#: Bytes per read when timing downloads (1 MiB).
+DOWNLOAD_CHUNK = 1 << 20
+
+
+def download_through_api(client: httpx2.Client, url: str) -> int:
+    """GET the signed link as a client does; the bytes are counted and dropped.
+
+    With curl on the machine it is the client (a Python client tops out below the server's
+    speed); otherwise httpx.
+    """
+    curl = shutil.which("curl")
+    if curl is not None:
+        token = client.headers["Authorization"]
+        written = subprocess.run(
+            [
+                curl,
+                "-sSf",
+                "-o",
+                os.devnull,
+                "-w",
+                "%{size_download}",
+                "-H",
+                f"Authorization: {token}",
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return int(written)
+    size = 0
+    with client.stream("GET", url) as response:
+        response.raise_for_status()
+        for chunk in response.iter_raw(DOWNLOAD_CHUNK):
+            size += len(chunk)
+    return size
+
+
+def storage_key(database_url: str, export_id: str) -> str:
+    engine = create_engine(sqlalchemy_url(database_url))
+    with Session(engine) as session:
+        key = session.get_one(ExportJob, uuid.UUID(export_id)).storage_key
+    engine.dispose()
+    assert key is not None
+    return key
+
+
+def read_from_storage(storage: Storage, key: str) -> int:
+    """The same object read straight from storage (the ceiling of any download path)."""
+    return sum(len(chunk) for chunk in storage.open(key))
 
 
 def post_latencies(client: httpx2.Client, count: int) -> list[float]:
@@ -416,6 +483,20 @@ def main() -> int:
             ) as client:
                 runs = [run_export(client, {}, watch_progress=(n == 0)) for n in range(args.runs)]
                 results["export_runs"] = runs
+                results["gzip_runs"] = [
+                    run_export(client, {}, options={"compression": "gzip"})
+                    for _ in range(args.runs)
+                ]
+                size = runs[0]["bytes"]
+                assert download_through_api(client, runs[0]["download_url"]) == size
+                results["download_api_seconds"], _ = median_time(
+                    lambda: download_through_api(client, runs[0]["download_url"]), args.runs
+                )
+                storage = storage_from_url(env["STORAGE_URL"])
+                key = storage_key(database_url, runs[0]["id"])
+                results["download_storage_seconds"], _ = median_time(
+                    lambda: read_from_storage(storage, key), args.runs
+                )
                 results["post_latencies_seconds"] = post_latencies(client, 50)
             results["worker_peak_rss_mib"] = peak_rss_mib(worker_process(dev))
 
@@ -464,6 +545,8 @@ def summarize(r: dict[str, Any]) -> dict[str, Any]:
     worker = statistics.median(x["worker_seconds"] for x in runs)
     mb = runs[0]["bytes"] / 1e6
     idle, busy = r["report_latencies_idle"], r["report_latencies_exporting"]
+    gzip_wall = statistics.median(x["wall_seconds"] for x in r["gzip_runs"])
+    gzip_mb = r["gzip_runs"][0]["bytes"] / 1e6
     summary = {
         "floor_copy_s": r["floor_seconds"],
         "raw_copy_select_star_s": r["raw_copy_seconds"],
@@ -492,6 +575,13 @@ def summarize(r: dict[str, Any]) -> dict[str, Any]:
         "report_p99_ms_exporting": 1000 * percentile(busy, 99),
         "report_requests_idle": len(idle),
         "report_requests_exporting": len(busy),
+        "download_api_mb_per_s": mb / r["download_api_seconds"],
+        "download_storage_mb_per_s": mb / r["download_storage_seconds"],
+        "ratio_download_api_to_storage": r["download_storage_seconds"] / r["download_api_seconds"],
+        "gzip_export_wall_post_to_ready_s": gzip_wall,
+        "ratio_gzip_wall_to_plain_wall": gzip_wall / wall,
+        "gzip_file_mb": gzip_mb,
+        "ratio_gzip_size_to_plain_size": gzip_mb / mb,
     }
     summary["ratio_report_p99_exporting_to_idle"] = (
         summary["report_p99_ms_exporting"] / summary["report_p99_ms_idle"]

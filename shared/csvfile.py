@@ -12,6 +12,7 @@ import hashlib
 import io
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,10 @@ from shared.report import count_select, filter_conditions, report_select
 UTF8_BOM = b"\xef\xbb\xbf"
 #: Size of the reads storage makes from the COPY stream (bytes).
 READ_SIZE = 1024 * 1024
+#: zlib level of ``options.compression = "gzip"`` (gzip's own default: 6).
+GZIP_LEVEL = 6
+#: Values of ``options.compression``.
+COMPRESSIONS = ("none", "gzip")
 
 
 @dataclass(frozen=True)
@@ -86,9 +91,15 @@ class CopyStream(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
+        target = memoryview(buffer).cast("B")
+        filled = self._fill(target)
+        self.size += filled
+        self._digest.update(target[:filled])
+        return filled
+
+    def _fill(self, target: memoryview) -> int:
         # Hot path: one call per ~1 MiB read, one loop turn per row. Rows are copied into the
         # caller's buffer; hashing and counting happen once per call, not once per row.
-        target = memoryview(buffer).cast("B")
         space = len(target)
         filled = min(len(self._pending), space)
         target[:filled] = self._pending[:filled]
@@ -110,13 +121,44 @@ class CopyStream(io.RawIOBase):
                 self._pending = view[space - filled :]
                 filled = space
         self.rows += rows
-        self.size += filled
-        self._digest.update(target[:filled])
         return filled
 
     @property
     def sha256(self) -> str:
+        """SHA-256 of the bytes read so far (what storage stores)."""
         return self._digest.hexdigest()
+
+
+class GzipCopyStream(CopyStream):
+    """The same CSV bytes, gzip-compressed as they stream (constant memory).
+
+    ``size`` and ``sha256`` describe the compressed bytes (what storage stores); ``rows`` counts
+    rows as :class:`CopyStream` does. The gzip header carries no name and no time, so the same
+    CSV always compresses to the same bytes.
+    """
+
+    def __init__(self, *, chunks: Iterator[Any], prefix: bytes, level: int = GZIP_LEVEL) -> None:
+        super().__init__(chunks=chunks, prefix=prefix)
+        self._compressor = zlib.compressobj(level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+        self._plain = bytearray(READ_SIZE)
+        self._out = memoryview(b"")
+        self._flushed = False
+
+    def readinto(self, buffer: Any) -> int:
+        target = memoryview(buffer).cast("B")
+        while not self._out and not self._flushed:
+            count = self._fill(memoryview(self._plain))
+            if count:
+                self._out = memoryview(self._compressor.compress(memoryview(self._plain)[:count]))
+            else:
+                self._out = memoryview(self._compressor.flush())
+                self._flushed = True
+        count = min(len(target), len(self._out))
+        target[:count] = self._out[:count]
+        self._out = self._out[count:]
+        self.size += count
+        self._digest.update(target[:count])
+        return count
 
 
 class Throttled(io.RawIOBase):
@@ -192,12 +234,17 @@ class ExportQuery:
         utf8_bom: bool,
         limit: int | None,
         sink: Callable[[CopyStream], None],
+        compression: str = "none",
     ) -> CsvFile:
+        """COPY the rows into ``sink``; with ``compression="gzip"`` the sink gets them gzipped."""
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"unknown compression {compression!r}")
         statement, params = copy_statement(account, filters, limit=limit)
         prefix = (UTF8_BOM if utf8_bom else b"") + header_line(account.timezone)
         cursor = psycopg.ClientCursor(self._conn)
+        kind = GzipCopyStream if compression == "gzip" else CopyStream
         with cursor.copy(statement, params) as copy:
-            stream = self._stream = CopyStream(chunks=iter(copy), prefix=prefix)
+            stream = self._stream = kind(chunks=iter(copy), prefix=prefix)
             sink(stream)
         return CsvFile(row_count=stream.rows, size_bytes=stream.size, sha256=stream.sha256)
 

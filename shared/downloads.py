@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import uuid
+from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared import metrics
@@ -21,6 +23,9 @@ from shared.errors import (
 )
 from shared.models import Account, DownloadAttempt, ExportJob, ExportState, Role, User
 from shared.signing import SigningKeys, verify
+
+#: Attempts listed by ``GET /api/v1/order-exports/{id}/downloads``, newest first (count).
+AUDIT_LIST_SIZE = 500
 
 
 class Outcome(enum.StrEnum):
@@ -84,13 +89,54 @@ def record(
     user_id: int | None,
     outcome: Outcome,
     client_ip: str | None,
+    byte_range: str | None = None,
+    redirect: bool = False,
 ) -> None:
-    """Append one attempt to the audit trail (``download_attempts``) and count it."""
+    """Append one attempt to the audit trail (``download_attempts``) and count it.
+
+    ``byte_range`` is the range served (``A-B``) when the request was ranged; ``redirect`` says
+    the caller was sent to storage with a presigned URL.
+    """
     try:
         key: uuid.UUID | None = uuid.UUID(export_id)
     except ValueError:
         key = None
     session.add(
-        DownloadAttempt(export_id=key, user_id=user_id, outcome=outcome.value, client_ip=client_ip)
+        DownloadAttempt(
+            export_id=key,
+            user_id=user_id,
+            outcome=outcome.value,
+            client_ip=client_ip,
+            byte_range=byte_range,
+            redirect=redirect,
+        )
     )
     metrics.DOWNLOADS.labels(outcome.value).inc()
+
+
+def recent(
+    session: Session, export_id: uuid.UUID, *, limit: int = AUDIT_LIST_SIZE
+) -> list[dict[str, Any]]:
+    """The export's latest download attempts, newest first, as the HTTP contract shows them."""
+    rows = session.execute(
+        select(DownloadAttempt, User.email)
+        .outerjoin(User, User.id == DownloadAttempt.user_id)
+        .where(DownloadAttempt.export_id == export_id)
+        .order_by(DownloadAttempt.at.desc(), DownloadAttempt.id.desc())
+        .limit(limit)
+    )
+    return [
+        {
+            "at": attempt.at.isoformat(),
+            "user": (
+                {"id": attempt.user_id, "email": email}
+                if attempt.user_id is not None and email is not None
+                else None
+            ),
+            "outcome": attempt.outcome,
+            "client_ip": attempt.client_ip,
+            "bytes": attempt.byte_range,
+            "redirect": attempt.redirect,
+        }
+        for attempt, email in rows
+    ]

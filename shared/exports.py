@@ -23,6 +23,7 @@ from shared.columns import COLUMN_SET_VERSION
 from shared.errors import (
     Conflict,
     ExportsDisabled,
+    Forbidden,
     NotFound,
     TooManyActiveExports,
     TooManyInlineExports,
@@ -45,8 +46,12 @@ MAX_IDEMPOTENCY_KEY = 200
 #: Rows the request counts at most (bounded: a big account is never fully counted in a
 #: request); above it the planner's estimate stands in and the worker enforces the cap exactly.
 COUNT_BUDGET = 100_000
-#: Options an export request may carry, with their types.
-OPTIONS = {"utf8_bom": bool}
+#: Who the pages say deleted a file when no user of the account did (the support CLI).
+SUPPORT_NAME = "support"
+#: Options an export request may carry, with their defaults (a value's type is its default's).
+DEFAULT_OPTIONS: dict[str, Any] = {"utf8_bom": False, "compression": "none"}
+#: The values ``options.compression`` accepts.
+COMPRESSIONS = ("none", "gzip")
 
 
 @dataclass(frozen=True)
@@ -65,16 +70,52 @@ def filters_digest(filters: OrderFilters) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+#: How the pages and the email name the options an export used.
+OPTION_LABELS = {"utf8_bom": "Excel-friendly (UTF-8 BOM)", "gzip": "Compressed (.csv.gz)"}
+
+
+def options_text(options: dict[str, Any]) -> str:
+    """``Excel-friendly (UTF-8 BOM), Compressed (.csv.gz)``; "" for an export without options."""
+    words = []
+    if options.get("utf8_bom"):
+        words.append(OPTION_LABELS["utf8_bom"])
+    if options.get("compression") == "gzip":
+        words.append(OPTION_LABELS["gzip"])
+    return ", ".join(words)
+
+
+def job_options(job: ExportJob) -> dict[str, Any]:
+    """The ``options`` an export was requested with (``<Export>.options``)."""
+    return {"utf8_bom": job.utf8_bom, "compression": job.compression or "none"}
+
+
+def request_digest(filters: OrderFilters, options: dict[str, Any]) -> str:
+    """What the duplicate check compares: the filters and the options that differ from their
+    defaults (so a request without options has the digest of its filters alone)."""
+    chosen = {k: v for k, v in options.items() if v != DEFAULT_OPTIONS[k]}
+    if not chosen:
+        return filters_digest(filters)
+    canonical = json.dumps(
+        {"filters": filters.to_snapshot(), "options": chosen},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def parse_options(raw: object) -> dict[str, Any]:
+    options = dict(DEFAULT_OPTIONS)
     if raw is None:
-        return {"utf8_bom": False}
+        return options
     if not isinstance(raw, dict):
         raise ValidationError("options", "expected a JSON object")
-    options: dict[str, Any] = {"utf8_bom": False}
     for name, value in raw.items():
-        if name not in OPTIONS:
+        if name not in DEFAULT_OPTIONS:
             raise ValidationError(f"options.{name}", "unknown option")
-        if not isinstance(value, OPTIONS[name]):
+        if name == "compression":
+            if value not in COMPRESSIONS or not isinstance(value, str):
+                raise ValidationError("options.compression", 'expected "none" or "gzip"')
+        elif not isinstance(value, bool):
             raise ValidationError(f"options.{name}", "expected true or false")
         options[name] = value
     return options
@@ -169,7 +210,7 @@ def request_export(
     filters, options = parse_request_body(body)
     if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
         raise ValidationError("Idempotency-Key", f"1 to {MAX_IDEMPOTENCY_KEY} characters")
-    digest = filters_digest(filters)
+    digest = request_digest(filters, options)
 
     # Serialise this user's requests: the cap and the duplicate check see each other's writes.
     session.execute(select(User.id).where(User.id == user.id).with_for_update())
@@ -200,6 +241,7 @@ def request_export(
         column_set_version=COLUMN_SET_VERSION,
         timezone=account.timezone,
         utf8_bom=options["utf8_bom"],
+        compression=options["compression"],
         idempotency_key=idempotency_key,
         max_attempts=settings.export_max_attempts,
         enqueued_at=None if inline else func.now(),
@@ -234,6 +276,15 @@ def get_for_admin(session: Session, export_id: str, user: User) -> tuple[ExportJ
     job, account, role = export_for(session, export_id, user)
     if role is not Role.ADMIN:
         raise NotFound("no such export")
+    return job, account
+
+
+def get_for_management(session: Session, export_id: str, user: User) -> tuple[ExportJob, Account]:
+    """The export, if the user is an admin of its account right now: members get Forbidden,
+    everyone else NotFound (deleting the file, reading the download audit)."""
+    job, account, role = export_for(session, export_id, user)
+    if role is not Role.ADMIN:
+        raise Forbidden("only account admins may do this")
     return job, account
 
 
@@ -317,6 +368,8 @@ def _requeue(
         sha256=None,
         file_name=None,
         worker_id=None,
+        file_deleted_at=None,
+        file_deleted_by=None,
     )
 
 
@@ -357,6 +410,7 @@ def delete_file(
         raise Conflict(f"only ready exports have a file to delete (this one is {job.state})")
     if job.storage_key:
         storage.delete(job.storage_key)
+    who = session.get(User, deleted_by) if deleted_by is not None else None
     moved = jobs.transition(
         session,
         job.id,
@@ -365,6 +419,8 @@ def delete_file(
         actor=actor,
         detail="deleted",
         storage_key=None,
+        file_deleted_at=func.now(),
+        file_deleted_by=who.display_name if who is not None else SUPPORT_NAME,
     )
     if moved is None:
         raise Conflict("the export changed state; reload and try again")
@@ -446,4 +502,10 @@ def to_json(
         "download_url": download_url,
         "file": file,
         "verdict": support.diagnose(job, now=now).verdict.value,
+        "options": job_options(job),
+        "deleted": (
+            {"at": _iso(job.file_deleted_at), "by": job.file_deleted_by}
+            if job.state is ExportState.EXPIRED and job.file_deleted_at is not None
+            else None
+        ),
     }

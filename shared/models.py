@@ -248,6 +248,8 @@ class ExportJob(Base):
     column_set_version: Mapped[int] = mapped_column(Integer, nullable=False)
     timezone: Mapped[str] = mapped_column(Text, nullable=False)
     utf8_bom: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
+    #: ``options.compression``: "none" or "gzip" (the stored file is gzip-compressed).
+    compression: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("'none'"))
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
 
     rows_estimate: Mapped[int | None] = mapped_column(BigInteger)
@@ -277,6 +279,9 @@ class ExportJob(Base):
     file_name: Mapped[str | None] = mapped_column(Text)
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)
     sha256: Mapped[str | None] = mapped_column(String(64))
+    #: When and by whom (the name shown, as it was then) the file was deleted before its expiry.
+    file_deleted_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    file_deleted_by: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         Index("export_jobs_account_created_idx", "account_id", "created_at"),
@@ -292,6 +297,7 @@ class ExportJob(Base):
         ),
         Index("export_jobs_idempotency_key", "requested_by", "idempotency_key", unique=True),
         CheckConstraint("attempts >= 0 AND attempts <= max_attempts", name="attempts_bounded"),
+        CheckConstraint("compression IN ('none', 'gzip')", name="compression_known"),
     )
 
 
@@ -359,6 +365,10 @@ class DownloadAttempt(Base):
     user_id: Mapped[int | None] = mapped_column(BigInteger)
     outcome: Mapped[str] = mapped_column(Text, nullable=False)
     client_ip: Mapped[str | None] = mapped_column(Text)
+    #: The range served, ``A-B`` (inclusive byte offsets), when the request was ranged.
+    byte_range: Mapped[str | None] = mapped_column(Text)
+    #: True when the API answered with a redirect to storage (it carried no bytes itself).
+    redirect: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
     at: Mapped[dt.datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now(), index=True
     )

@@ -47,6 +47,7 @@ from shared import metrics
 from shared.db import transaction
 from shared.errors import ConfigurationError, OrdersExportError
 from shared.events import TOPIC_LIFECYCLE, Event, ExportFailed, ExportReady
+from shared.exports import job_options, options_text
 from shared.filters import from_snapshot
 from shared.kafka import ConsumerLoop
 from shared.models import (
@@ -434,6 +435,7 @@ class Notifier:
                 f"Your orders export of {account.name} ({account.slug}) is ready.",
                 "",
                 f"Filters:   {summary}",
+                f"Options:   {options_text(job_options(job)) or 'none'}",
                 f"Rows:      {rows:,}",
                 f"Size:      {human_size(job.size_bytes or 0)}",
             ]

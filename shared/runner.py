@@ -239,6 +239,7 @@ class ExportRunner:
                     account,
                     filters,
                     utf8_bom=job.utf8_bom,
+                    compression=job.compression,
                     limit=limit + 1,
                     sink=lambda stream: self._store(key, stream),
                 )
@@ -305,7 +306,7 @@ class ExportRunner:
                 size_bytes=csv_file.size_bytes,
                 sha256=csv_file.sha256,
                 storage_key=key,
-                file_name=file_name(account.slug, job.created_at),
+                file_name=file_name(account.slug, job.created_at, job.compression),
                 finished_at=func.now(),
                 expires_at=expires_at,
                 lease_expires_at=None,
@@ -385,6 +386,7 @@ class ExportRunner:
         return Result(Outcome.FAILED)
 
 
-def file_name(account_slug: str, created_at: dt.datetime) -> str:
-    """``orders-<slug>-<YYYYMMDD-HHMM>.csv`` (UTC time of the request)."""
-    return f"orders-{account_slug}-{created_at.astimezone(dt.UTC):%Y%m%d-%H%M}.csv"
+def file_name(account_slug: str, created_at: dt.datetime, compression: str = "none") -> str:
+    """``orders-<slug>-<YYYYMMDD-HHMM>.csv`` (UTC time of the request); ``.csv.gz`` if gzip."""
+    suffix = ".csv.gz" if compression == "gzip" else ".csv"
+    return f"orders-{account_slug}-{created_at.astimezone(dt.UTC):%Y%m%d-%H%M}{suffix}"

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     #: Cap on how fast one export streams rows out of PostgreSQL (bytes/s; 0 = no cap). A brake
     #: for a primary under pressure; prefer EXPORT_DATABASE_URL (a replica) where there is one.
     export_max_bytes_per_second: int = Field(0, ge=0)
+    #: With S3 storage, answer a download with a 302 to a presigned URL valid this long instead
+    #: of streaming the file through the API (seconds; 0 = the API streams).
+    export_download_redirect_seconds: int = Field(0, ge=0, le=7 * 24 * 3600)
     #: Multipart part size of S3 uploads (MiB; S3 allows 5..5120).
     storage_part_size_mib: int = Field(8, ge=5, le=5120)
     #: Download link keys, ``kid:secret[,kid:secret...]``; the first signs, all verify.

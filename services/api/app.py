@@ -76,11 +76,17 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/api/v1/order-exports/{export_id}", exports.get_export, methods=["GET"]),
         Route("/api/v1/order-exports/{export_id}/retry", exports.retry_export, methods=["POST"]),
         Route("/api/v1/order-exports/{export_id}/cancel", exports.cancel_export, methods=["POST"]),
+        Route("/api/v1/order-exports/{export_id}/file", exports.delete_file, methods=["DELETE"]),
+        Route(
+            "/api/v1/order-exports/{export_id}/downloads", exports.list_downloads, methods=["GET"]
+        ),
         Route("/exports/{export_id}/download", exports.download, methods=["GET"]),
         Route("/accounts/{slug}/exports", pages.request_export, methods=["POST"]),
         Route("/exports/{export_id}", pages.export_page, methods=["GET"], name="export_page"),
         Route("/exports/{export_id}/retry", pages.retry_export, methods=["POST"]),
         Route("/exports/{export_id}/cancel", pages.cancel_export, methods=["POST"]),
+        Route("/exports/{export_id}/delete-file", pages.confirm_delete_file, methods=["GET"]),
+        Route("/exports/{export_id}/delete-file", pages.delete_file, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     middleware = [

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import functools
 import json
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
@@ -13,12 +15,12 @@ from sqlalchemy.orm import Session
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 
-from services.api import exportviews
+from services.api import byteranges, exportviews
 from services.api.auth import Caller, authenticated, login_redirect, require_caller
-from services.api.clients import public_origin
-from services.api.errors import wants_html
+from services.api.clients import client_address, public_origin
+from services.api.errors import error_body, wants_html
 from shared import downloads, exports
 from shared.db import transaction
 from shared.errors import (
@@ -187,12 +189,22 @@ async def get_export(request: Request) -> Response:
 def act(
     request: Request, action: str, *, submitted_csrf: str | None = None
 ) -> tuple[ExportJob, Account, Caller]:
-    """Retry or cancel the export of the path; used by the API and the form."""
+    """Retry, cancel or delete the file of the export of the path; used by the API and forms."""
     app = request.app
     with app.state.sessions() as session, session.begin():
         caller = require_caller(request, session, submitted_csrf=submitted_csrf)
         export_id = request.path_params["export_id"]
-        if action == "retry":
+        if action == "delete_file":
+            found, account = exports.get_for_management(session, export_id, caller.user)
+            job = exports.delete_file(
+                session,
+                storage_of(app),
+                job=found,
+                account=account,
+                actor=f"user:{caller.user.id}",
+                deleted_by=caller.user.id,
+            )
+        elif action == "retry":
             job = exports.retry(
                 session,
                 settings=app.state.settings,
@@ -218,23 +230,97 @@ async def cancel_export(request: Request) -> Response:
     return JSONResponse(await run_in_threadpool(_act, request, "cancel"), 202, headers=NO_STORE)
 
 
+#: Content types of the stored files, by ``options.compression``.
+CONTENT_TYPES = {"none": "text/csv; charset=utf-8", "gzip": "application/gzip"}
+
+
+async def delete_file(request: Request) -> Response:
+    """``DELETE /api/v1/order-exports/{id}/file``: the file goes now, the export is expired."""
+    return JSONResponse(
+        await run_in_threadpool(_act, request, "delete_file"), 200, headers=NO_STORE
+    )
+
+
+def _downloads(request: Request) -> dict[str, Any]:
+    with request.app.state.sessions() as session:
+        caller = require_caller(request, session)
+        export_id = request.path_params["export_id"]
+        job, _ = exports.get_for_management(session, export_id, caller.user)
+        return {"downloads": downloads.recent(session, job.id)}
+
+
+async def list_downloads(request: Request) -> Response:
+    """``GET /api/v1/order-exports/{id}/downloads``: the audit trail, for account admins."""
+    return JSONResponse(await run_in_threadpool(_downloads, request), headers=NO_STORE)
+
+
 @dataclass(frozen=True)
 class _File:
     key: str
     name: str
-    size: int | None
+    size: int
+    sha256: str | None
+    content_type: str
+    #: The one range to send (None: the whole file); ``unsatisfiable`` answers 416.
+    range: byteranges.ByteRange | None = None
+    unsatisfiable: bool = False
+    #: A presigned storage URL to send the caller to instead of streaming (redirect mode).
+    redirect_url: str | None = None
+
+    @property
+    def etag(self) -> str | None:
+        return f'"{self.sha256}"' if self.sha256 else None
+
+
+def _file_of(request: Request, job: ExportJob) -> _File:
+    """What this request gets of the export's file: all of it, a range, 416, or a redirect."""
+    assert job.storage_key is not None and job.file_name is not None
+    storage = storage_of(request.app)
+    size = job.size_bytes if job.size_bytes is not None else storage.size(job.storage_key)
+    file = _File(
+        job.storage_key,
+        job.file_name,
+        size,
+        job.sha256,
+        CONTENT_TYPES.get(job.compression, CONTENT_TYPES["none"]),
+    )
+    try:
+        wanted = byteranges.requested_range(
+            request.headers.get("range"),
+            request.headers.get("if-range"),
+            size=size,
+            etag=file.etag,
+        )
+    except byteranges.RangeNotSatisfiable:
+        file = replace(file, unsatisfiable=True)
+    else:
+        file = replace(file, range=wanted)
+    seconds = request.app.state.settings.export_download_redirect_seconds
+    if seconds:
+        url = storage.presigned_get(
+            file.key, expires_seconds=seconds, filename=file.name, content_type=file.content_type
+        )
+        if url is not None:  # storage serves the bytes (ranges too); we only point there
+            file = replace(file, redirect_url=url, unsatisfiable=False)
+    return file
 
 
 def _authorize_download(request: Request) -> _File:
     """Check the link and the caller, and append the attempt to the audit trail either way."""
     app = request.app
     export_id = request.path_params["export_id"]
-    client_ip = request.client.host if request.client else None
+    client_ip = client_address(request) if request.client else None
     user_id = None
 
-    def audit(session: Session, outcome: downloads.Outcome) -> None:
+    def audit(session: Session, outcome: downloads.Outcome, file: _File | None = None) -> None:
         downloads.record(
-            session, export_id=export_id, user_id=user_id, outcome=outcome, client_ip=client_ip
+            session,
+            export_id=export_id,
+            user_id=user_id,
+            outcome=outcome,
+            client_ip=client_ip,
+            byte_range=file.range.spec if file and file.range else None,
+            redirect=file is not None and file.redirect_url is not None,
         )
         session.commit()
 
@@ -253,9 +339,12 @@ def _authorize_download(request: Request) -> _File:
         except OrdersExportError as exc:
             audit(session, downloads.outcome_of(exc))
             raise
-        assert job.storage_key is not None and job.file_name is not None
-        file = _File(job.storage_key, job.file_name, job.size_bytes)
-        audit(session, downloads.Outcome.OK)
+        try:
+            file = _file_of(request, job)
+        except OrdersExportError:  # storage unreachable: authorized, audited, then a 503
+            audit(session, downloads.Outcome.OK)
+            raise
+        audit(session, downloads.Outcome.OK, file)
         return file
 
 
@@ -270,13 +359,29 @@ async def download(request: Request) -> Response:
         if wants_html(request):  # a browser lands on the export's page, with a fresh link
             return await run_in_threadpool(exportviews.landing, request, exc)
         raise
-    chunks: Iterator[bytes] = await run_in_threadpool(storage_of(request.app).open, file.key)
     headers = {
-        "Content-Disposition": f'attachment; filename="{file.name}"',
         "Cache-Control": "no-store",
         "Referrer-Policy": "no-referrer",
         "X-Content-Type-Options": "nosniff",
     }
-    if file.size is not None:
-        headers["Content-Length"] = str(file.size)
-    return StreamingResponse(chunks, media_type="text/csv; charset=utf-8", headers=headers)
+    if file.redirect_url is not None:
+        return RedirectResponse(file.redirect_url, 302, headers=headers)
+    headers["Accept-Ranges"] = "bytes"
+    if file.sha256:
+        headers["ETag"] = f'"{file.sha256}"'
+        digest = base64.b64encode(bytes.fromhex(file.sha256)).decode()
+        headers["Repr-Digest"] = f"sha-256=:{digest}:"
+    if file.unsatisfiable:
+        headers["Content-Range"] = f"bytes */{file.size}"
+        body = error_body("range_not_satisfiable", "the requested range is not in the file")
+        return JSONResponse(body, 416, headers=headers)
+    headers["Content-Disposition"] = f'attachment; filename="{file.name}"'
+    offset, length, status = 0, None, 200
+    if file.range is not None:
+        offset, length, status = file.range.start, file.range.length, 206
+        headers["Content-Range"] = file.range.content_range
+    headers["Content-Length"] = str(file.size if length is None else length)
+    chunks: Iterator[bytes] = await run_in_threadpool(
+        functools.partial(storage_of(request.app).open, file.key, offset=offset, length=length)
+    )
+    return StreamingResponse(chunks, status, media_type=file.content_type, headers=headers)

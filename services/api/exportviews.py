@@ -20,7 +20,7 @@ from starlette.responses import Response
 from services.api.auth import Caller, csrf_token, identify
 from services.api.clients import public_origin
 from services.api.errors import status_for
-from shared import exports, support
+from shared import downloads, exports, support
 from shared.errors import NotFound, OrdersExportError, Unauthenticated
 from shared.filters import DEFAULT_SORT, SORT_LABELS, OrderFilters, from_snapshot
 from shared.models import Account, ExportJob, Role
@@ -59,12 +59,18 @@ REQUESTED = {
     202: "Export requested. It runs in the background: follow it in the Exports panel; "
     "we also email you when it is ready.",
 }
+#: What Delete file warns of before it deletes (the confirmation step and dialog).
+DELETE_WARNING = (
+    "It holds customer data; every link to it stops working for everyone. This cannot be undone."
+)
 #: What the buttons say (and what the script says while it waits).
 MESSAGES = {
     "requesting": "Requesting the export…",
     "working": "Working…",
     "canceled": "Export canceled.",
     "retried": "Export queued again.",
+    "deleted": "File deleted.",
+    "confirm_delete": "Delete this export's file now? " + DELETE_WARNING,
     "session_ended": "Your session has ended. Reload the page to log in again.",
     "offline": "Could not reach the server; the list will update when it is back.",
 }
@@ -81,6 +87,19 @@ LANDING = {
 LANDING_NEXT = {
     "ready": "Use the fresh download link below; it is made for you.",
     "expired": "Export the same filters again for a fresh file.",
+}
+
+#: Download attempts listed on the export's page, newest first (count).
+PAGE_DOWNLOADS = 10
+#: How the export's page words each download outcome.
+DOWNLOAD_OUTCOMES = {
+    "ok": "Downloaded",
+    "unauthenticated": "Refused: not logged in",
+    "forbidden": "Refused: not an admin",
+    "not_found": "Refused: no such export",
+    "bad_signature": "Refused: link not valid for this user",
+    "link_expired": "Refused: link expired",
+    "file_expired": "Refused: file expired or deleted",
 }
 
 #: Decimal units of file sizes.
@@ -170,6 +189,26 @@ class ExportUi:
             f"{export['verdict']}|{link}"
         )
 
+    def options(self, export: dict[str, Any]) -> str:
+        """The options the export used, in words ("" when none)."""
+        return exports.options_text(export.get("options") or {})
+
+    def deleted(self, export: dict[str, Any]) -> str:
+        """``deleted by <name> at <time>`` when an admin deleted the file ("" otherwise)."""
+        deleted = export.get("deleted")
+        if not deleted:
+            return ""
+        return f"deleted by {deleted['by']} at {self.local_time(deleted['at'])}"
+
+    def download_outcome(self, attempt: dict[str, Any]) -> str:
+        outcome = str(attempt["outcome"])
+        text = DOWNLOAD_OUTCOMES.get(outcome, outcome)
+        if attempt.get("bytes"):
+            text += f" (bytes {attempt['bytes']})"
+        if attempt.get("redirect"):
+            text += " (sent to storage)"
+        return text
+
     def report_url(self, export: dict[str, Any]) -> str:
         """The report with the export's filters, to look at them again or change them."""
         return report_url(export["account"], from_snapshot(export["filters"]))
@@ -193,6 +232,8 @@ class ExportUi:
             "requested": {str(k): v for k, v in REQUESTED.items()},
             "messages": MESSAGES,
             "disabled": DISABLED,
+            "option_labels": exports.OPTION_LABELS,
+            "delete_warning": DELETE_WARNING,
             **self.extra,
         }
 
@@ -271,11 +312,16 @@ def export_page(
     *,
     notice: str | None = None,
     status_code: int = 200,
+    confirm_delete: bool = False,
 ) -> Response:
-    """The export's own page (404 unless the caller is an admin of its account right now)."""
+    """The export's own page (404 unless the caller is an admin of its account right now).
+
+    ``confirm_delete`` shows the confirmation step of Delete file (the no-JavaScript way).
+    """
     with request.app.state.sessions() as session:
         job, account = exports.get_for_admin(session, export_id, caller.user)
         export = _to_json(request, job, account, caller)
+        recent = downloads.recent(session, job.id, limit=PAGE_DOWNLOADS)
     ui = ExportUi(
         csrf=csrf_token(request),
         timezone=account.timezone,
@@ -294,6 +340,8 @@ def export_page(
         "notice": notice,
         "flash": take_flash(request),
         "csrf": ui.csrf,
+        "downloads": recent,
+        "confirm_delete": confirm_delete and export["state"] == "ready",
     }
     templates = request.app.state.templates
     return templates.TemplateResponse(  # type: ignore[no-any-return]

@@ -13,6 +13,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from shared.columns import COLUMNS
+from shared.downloads import AUDIT_LIST_SIZE, Outcome
+from shared.exports import COMPRESSIONS
 from shared.filters import MAX_Q_LENGTH, SORTS
 from shared.models import ORDER_CHANNELS, ORDER_STATUSES, ExportState
 from shared.report import MAX_PAGE_SIZE
@@ -39,11 +41,32 @@ def _errors(*statuses: int) -> dict[str, Any]:
         409: "not possible in the current state",
         410: "link or file expired",
         413: "request body larger than MAX_REQUEST_BODY_BYTES (`body_too_large`)",
+        416: "the range is not in the file; Content-Range: bytes */SIZE",
         422: "invalid input; `field` names it",
         429: "too many requests; see Retry-After",
         503: "exports switched off",
     }
     return {str(status): _json(_ref("Error"), meaning[status]) for status in statuses}
+
+
+def _header(description: str) -> dict[str, Any]:
+    return {"description": description, "schema": {"type": "string"}}
+
+
+def _file_headers() -> dict[str, Any]:
+    return {
+        "Accept-Ranges": _header("bytes"),
+        "Content-Length": _header("bytes in this response"),
+        "ETag": _header('"<sha256 hex of the stored file>"'),
+        "Repr-Digest": _header("sha-256=:<base64 of that sha256>: (RFC 9530)"),
+        "Content-Disposition": _header('attachment; filename="orders-<slug>-<YYYYMMDD-HHMM>.csv"'),
+    }
+
+
+def _file_content() -> dict[str, Any]:
+    """text/csv, or application/gzip for ``options.compression = "gzip"`` (``.csv.gz``)."""
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    return {"text/csv": binary, "application/gzip": binary}
 
 
 def _filter_parameters() -> list[dict[str, Any]]:
@@ -136,6 +159,8 @@ def _schemas() -> dict[str, Any]:
             "download_url",
             "file",
             "verdict",
+            "options",
+            "deleted",
         ],
         "properties": {
             "id": {"type": "string", "format": "uuid"},
@@ -179,6 +204,49 @@ def _schemas() -> dict[str, Any]:
                 },
             },
             "verdict": {"type": "string", "enum": [v.value for v in Verdict]},
+            "options": {
+                "type": "object",
+                "required": ["utf8_bom", "compression"],
+                "properties": {
+                    "utf8_bom": {"type": "boolean"},
+                    "compression": {"type": "string", "enum": list(COMPRESSIONS)},
+                },
+            },
+            "deleted": {
+                "type": "object",
+                "nullable": True,
+                "description": "set when an admin (or support) deleted the file before expiry",
+                "required": ["at", "by"],
+                "properties": {
+                    "at": {"type": "string", "format": "date-time"},
+                    "by": {"type": "string", "description": "the name of who deleted it"},
+                },
+            },
+        },
+    }
+    download = {
+        "type": "object",
+        "required": ["at", "user", "outcome", "client_ip", "bytes", "redirect"],
+        "properties": {
+            "at": {"type": "string", "format": "date-time"},
+            "user": {
+                "type": "object",
+                "nullable": True,
+                "required": ["id", "email"],
+                "properties": {"id": {"type": "integer"}, "email": {"type": "string"}},
+            },
+            "outcome": {"type": "string", "enum": [o.value for o in Outcome]},
+            "client_ip": {"type": "string", "nullable": True},
+            "bytes": {
+                "type": "string",
+                "nullable": True,
+                "pattern": r"^\d+-\d+$",
+                "description": "the range served (inclusive offsets) when the request was ranged",
+            },
+            "redirect": {
+                "type": "boolean",
+                "description": "answered with a 302 to storage (EXPORT_DOWNLOAD_REDIRECT_SECONDS)",
+            },
         },
     }
     return {
@@ -232,6 +300,17 @@ def _schemas() -> dict[str, Any]:
             "required": ["exports"],
             "properties": {"exports": {"type": "array", "items": _ref("Export")}},
         },
+        "DownloadList": {
+            "type": "object",
+            "required": ["downloads"],
+            "properties": {
+                "downloads": {
+                    "type": "array",
+                    "maxItems": AUDIT_LIST_SIZE,
+                    "items": download,
+                }
+            },
+        },
         "ExportRequest": {
             "type": "object",
             "additionalProperties": False,
@@ -240,7 +319,10 @@ def _schemas() -> dict[str, Any]:
                 "options": {
                     "type": "object",
                     "additionalProperties": False,
-                    "properties": {"utf8_bom": {"type": "boolean"}},
+                    "properties": {
+                        "utf8_bom": {"type": "boolean"},
+                        "compression": {"type": "string", "enum": list(COMPRESSIONS)},
+                    },
                 },
             },
         },
@@ -338,9 +420,29 @@ def document() -> dict[str, Any]:
                     },
                 }
             },
+            "/api/v1/order-exports/{export_id}/file": {
+                "delete": {
+                    "summary": "Delete a ready export's file now (the export becomes expired)",
+                    "parameters": [_path_export()],
+                    "responses": {
+                        "200": _json(envelope, "deleted: the export, now expired"),
+                        **_errors(401, 403, 404, 409, 503),
+                    },
+                }
+            },
+            "/api/v1/order-exports/{export_id}/downloads": {
+                "get": {
+                    "summary": "Who tried to download the export, newest first (at most 500)",
+                    "parameters": [_path_export()],
+                    "responses": {
+                        "200": _json(_ref("DownloadList"), "the download attempts"),
+                        **_errors(401, 403, 404),
+                    },
+                }
+            },
             "/exports/{export_id}/download": {
                 "get": {
-                    "summary": "The file, through a signed link",
+                    "summary": "The file, through a signed link (resumable, verifiable)",
                     "parameters": [
                         _path_export(),
                         {
@@ -355,13 +457,46 @@ def document() -> dict[str, Any]:
                             "required": True,
                             "schema": {"type": "string"},
                         },
+                        {
+                            "name": "Range",
+                            "in": "header",
+                            "schema": {"type": "string", "example": "bytes=1048576-"},
+                            "description": "one range: bytes=A-B, bytes=A- or bytes=-N",
+                        },
+                        {
+                            "name": "If-Range",
+                            "in": "header",
+                            "schema": {"type": "string"},
+                            "description": "the ETag: the range is served only if it matches",
+                        },
                     ],
                     "responses": {
                         "200": {
-                            "description": "the CSV",
-                            "content": {"text/csv": {"schema": {"type": "string"}}},
+                            "description": "the whole file",
+                            "headers": _file_headers(),
+                            "content": _file_content(),
+                        },
+                        "206": {
+                            "description": "the one range asked for",
+                            "headers": {
+                                **_file_headers(),
+                                "Content-Range": _header("bytes A-B/SIZE"),
+                            },
+                            "content": _file_content(),
+                        },
+                        "302": {
+                            "description": "redirect mode (EXPORT_DOWNLOAD_REDIRECT_SECONDS > 0, "
+                            "S3 storage): a presigned storage URL valid that many seconds",
+                            "headers": {
+                                "Location": _header("the presigned URL"),
+                                "Cache-Control": _header("no-store"),
+                            },
                         },
                         **_errors(401, 403, 404, 410),
+                        "416": {
+                            **_json(_ref("Error"), "the range is not in the file"),
+                            "headers": {"Content-Range": _header("bytes */SIZE")},
+                        },
                     },
                 }
             },

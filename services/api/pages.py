@@ -7,6 +7,7 @@ the API's: the same use cases in ``shared.exports`` decide.
 
 from __future__ import annotations
 
+import functools
 from urllib.parse import quote
 
 from starlette.concurrency import run_in_threadpool
@@ -29,6 +30,8 @@ from shared.errors import (
 from shared.filters import OrderFilters, from_snapshot, parse_filter_object
 from shared.models import ExportState
 
+#: Fields of the Export CSV form that are options, not filters.
+OPTION_FIELDS = frozenset({"utf8_bom", "compression"})
 #: Refusals the user can act on: shown on the page they came from, not as an error page.
 SHOWN_ON_PAGE: tuple[type[OrdersExportError], ...] = (
     Conflict,
@@ -62,11 +65,22 @@ def filters_object(form: FormData) -> dict[str, object]:
     """The form's filter fields as the API's ``filters`` object (validated by the use case)."""
     fields: dict[str, object] = {}
     for name in form:
-        if name == CSRF_FIELD:
+        if name == CSRF_FIELD or name in OPTION_FIELDS:
             continue
         values = [v for v in form.getlist(name) if isinstance(v, str)]
         fields[name] = values[0] if len(values) == 1 else values
     return fields
+
+
+def options_object(form: FormData) -> dict[str, object]:
+    """The form's option checkboxes as the API's ``options`` object (unticked: the default)."""
+    options: dict[str, object] = {}
+    if form.get("utf8_bom") == "true":
+        options["utf8_bom"] = True
+    compression = form.get("compression")
+    if isinstance(compression, str) and compression:
+        options["compression"] = compression  # validated by the use case
+    return options
 
 
 def _login_then(path: str) -> Response:
@@ -79,7 +93,10 @@ def _request_export(request: Request, form: FormData) -> Response:
     fields = filters_object(form)
     try:
         created = exports.create(
-            request, {"filters": fields}, None, submitted_csrf=_submitted_csrf(form)
+            request,
+            {"filters": fields, "options": options_object(form)},
+            None,
+            submitted_csrf=_submitted_csrf(form),
         )
     except Unauthenticated:
         return _login_then(f"/accounts/{slug}/orders")
@@ -119,7 +136,7 @@ def _act(request: Request, action: str, form: FormData) -> Response:
     except SHOWN_ON_PAGE as exc:
         exportviews.flash(request, exc.message, kind="error")
     else:
-        done = "retried" if action == "retry" else "canceled"
+        done = {"retry": "retried", "cancel": "canceled", "delete_file": "deleted"}[action]
         exportviews.flash(request, exportviews.MESSAGES[done])
     return redirect(back)
 
@@ -138,3 +155,25 @@ async def cancel_export(request: Request) -> Response:
         return _login_then(f"/exports/{request.path_params['export_id']}")
     form = await request.form()
     return await run_in_threadpool(_act, request, "cancel", form)
+
+
+async def confirm_delete_file(request: Request) -> Response:
+    """``GET /exports/{id}/delete-file``: the export's page asking to confirm Delete file."""
+    caller = await run_in_threadpool(_caller, request)
+    if caller is None:
+        return login_redirect(request)
+    return await run_in_threadpool(
+        functools.partial(
+            exportviews.export_page,
+            request,
+            caller,
+            request.path_params["export_id"],
+            confirm_delete=True,
+        )
+    )
+
+
+async def delete_file(request: Request) -> Response:
+    """``POST /exports/{id}/delete-file``: the confirmed Delete file, then back to the page."""
+    form = await request.form()
+    return await run_in_threadpool(_act, request, "delete_file", form)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from shared.errors import StorageError
-from shared.storage import CHUNK_BYTES, Storage, check_key
+from shared.storage import CHUNK_BYTES, Storage, check_key, check_range
 
 #: Suffix of the temporary files that ``put`` writes before renaming them into place.
 TEMP_SUFFIX = ".part"
@@ -61,18 +61,30 @@ class LocalStorage(Storage):
             raise
         return size
 
-    def open(self, key: str) -> Iterator[bytes]:
-        """Open the file now (missing: StorageError); the chunks close it when done or closed."""
+    def open(self, key: str, *, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
+        """Open the file now (missing: StorageError); the chunks close it when done or closed.
+
+        A range starts with a seek: nothing before ``offset`` is read.
+        """
+        check_range(offset, length)
         path = self._path(key)
         try:
             file = path.open("rb")
+            if offset:
+                file.seek(offset)
         except FileNotFoundError as exc:
             raise StorageError("stored object not found") from exc
         except OSError as exc:
             raise StorageError("cannot read from the storage directory") from exc
-        chunks = _chunks(file)
+        chunks = _chunks(file, length)
         next(chunks)  # Start the generator so that closing it (or dropping it) closes the file.
         return chunks
+
+    def presigned_get(
+        self, key: str, *, expires_seconds: int, filename: str, content_type: str
+    ) -> str | None:
+        """A local directory serves nothing itself: the API streams the file."""
+        return None
 
     def delete(self, key: str) -> None:
         """Remove the file if it is there."""
@@ -136,11 +148,15 @@ def _rename(temp: Path, path: Path) -> None:
         raise StorageError("cannot write to the storage directory") from exc
 
 
-def _chunks(file: BinaryIO) -> Generator[bytes, None, None]:
-    """Yield an empty priming chunk, then the file's chunks; always close the file."""
+def _chunks(file: BinaryIO, length: int | None = None) -> Generator[bytes, None, None]:
+    """Yield an empty priming chunk, then the file's chunks (at most ``length`` bytes in all);
+    always close the file."""
     try:
         yield b""
-        while chunk := file.read(CHUNK_BYTES):
+        left = -1 if length is None else length
+        while left and (chunk := file.read(CHUNK_BYTES if left < 0 else min(left, CHUNK_BYTES))):
+            if left > 0:
+                left -= len(chunk)
             yield chunk
     except OSError as exc:
         raise StorageError("cannot read from the storage directory") from exc

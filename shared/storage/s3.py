@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from collections.abc import Generator, Iterator
 from typing import BinaryIO, cast
@@ -14,13 +15,15 @@ from minio.error import MinioException, S3Error
 from minio.lifecycleconfig import AbortIncompleteMultipartUpload, Expiration, LifecycleConfig, Rule
 
 from shared.errors import StorageError
-from shared.storage import CHUNK_BYTES, Storage, check_key
+from shared.storage import CHUNK_BYTES, Storage, check_key, check_range
 
 #: Smallest and largest multipart part size S3 accepts (MiB).
 MIN_PART_SIZE_MIB = 5
 MAX_PART_SIZE_MIB = 5 * 1024
 #: Bytes in a MiB (bytes).
 MIB = 1024 * 1024
+#: Longest validity of a presigned URL that SigV4 allows (seconds, 7 days).
+MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 #: Time allowed to open a TCP connection to the server (seconds).
 CONNECT_TIMEOUT_SECONDS = 3.0
 #: Time allowed for any single socket read or write once connected (seconds).
@@ -156,15 +159,43 @@ class S3Storage(Storage):
             raise source.error from exc
         return source.count
 
-    def open(self, key: str) -> Iterator[bytes]:
-        """Send the request now (missing: StorageError); the chunks release it when done."""
+    def open(self, key: str, *, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
+        """Send the request now (missing: StorageError); the chunks release it when done.
+
+        A range is one ranged GET (``Range: bytes=offset-end``): only those bytes travel.
+        """
+        check_range(offset, length)
+        key = check_key(key)
+        if length == 0:  # S3 has no empty range; there is nothing to send anyway
+            self.size(key)
+            return iter(())
         try:
-            response = self._client.get_object(self._bucket, check_key(key))
+            response = self._client.get_object(self._bucket, key, offset=offset, length=length or 0)
         except _CLIENT_ERRORS as exc:
             raise _failure("open", exc) from exc
         chunks = _chunks(response)
         next(chunks)  # Start the generator so that closing it (or dropping it) releases it.
         return chunks
+
+    def presigned_get(
+        self, key: str, *, expires_seconds: int, filename: str, content_type: str
+    ) -> str:
+        """A presigned GET valid ``expires_seconds`` that names the attachment and its type."""
+        if not 1 <= expires_seconds <= MAX_PRESIGN_SECONDS:
+            raise ValueError(f"expires_seconds must be 1..{MAX_PRESIGN_SECONDS}")
+        try:
+            return self._client.presigned_get_object(
+                self._bucket,
+                check_key(key),
+                expires=dt.timedelta(seconds=expires_seconds),
+                response_headers={
+                    "response-content-disposition": f'attachment; filename="{filename}"',
+                    "response-content-type": content_type,
+                    "response-cache-control": "no-store",
+                },
+            )
+        except _CLIENT_ERRORS as exc:
+            raise _failure("presign", exc) from exc
 
     def delete(self, key: str) -> None:
         """Remove the object (S3 treats a missing object as removed)."""

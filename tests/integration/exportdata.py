@@ -107,8 +107,15 @@ class FaultyStorage:
             stream = SlowReader(stream, pause=self.pause)  # type: ignore[assignment]
         return self.inner.put(key, stream)
 
-    def open(self, key: str) -> Iterator[bytes]:
-        return self.inner.open(key)
+    def open(self, key: str, *, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
+        return self.inner.open(key, offset=offset, length=length)
+
+    def presigned_get(
+        self, key: str, *, expires_seconds: int, filename: str, content_type: str
+    ) -> str | None:
+        return self.inner.presigned_get(
+            key, expires_seconds=expires_seconds, filename=filename, content_type=content_type
+        )
 
     def delete(self, key: str) -> None:
         self.inner.delete(key)

@@ -16,6 +16,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
+from zoneinfo import ZoneInfo
 
 import httpx2
 import pytest
@@ -34,7 +35,7 @@ from shared.runner import ExportRunner, Outcome
 from shared.settings import Settings
 from shared.signing import SigningKeys, download_path
 from tests.integration.exportdata import make_job
-from tests.integration.reportdata import Population, populate
+from tests.integration.reportdata import TIMEZONE, Population, populate
 
 THRESHOLD = 200
 PASSWORD = "correct horse battery"
@@ -94,6 +95,8 @@ class Forms(HTMLParser):
         values = {k: v or "" for k, v in attrs}
         if tag == "form":
             self.forms.append((values, []))
+        elif tag == "input" and values.get("type") == "checkbox" and "checked" not in values:
+            pass  # an unticked box is not sent
         elif tag == "input" and self.forms and "name" in values:
             self.forms[-1][1].append((values["name"], values.get("value", "")))
 
@@ -499,3 +502,112 @@ def test_page_and_api_give_the_support_verdict_in_the_users_words(
     assert f'<span class="verdict verdict-{verdict}">{words}</span>' in page.text
     assert config_of(page.text)["verdicts"][verdict] == words
     cancel_all(sessions)
+
+
+def _ready_export(admin: TestClient, filters: str = "status=canceled&channel=phone") -> str:
+    """A small export made in the request through the page's own form; its id."""
+    fields = Forms(admin.get(f"/accounts/acme/orders?{filters}").text).find(id="export-form")
+    page = submit(admin, "/accounts/acme/exports", fields)
+    ready = [i for i, state in item_states(page.text).items() if state == "ready"]
+    assert ready, page.text
+    return ready[0]
+
+
+def test_no_js_delete_file_asks_first_then_expires_the_export(
+    app: Starlette, sessions: sessionmaker[Session]
+) -> None:
+    admin = browser(app, "admin@acme.test")
+    export_id = _ready_export(admin)
+    page = admin.get(f"/exports/{export_id}").text
+    link = re.search(r'href="([^"]+)"[^>]*>Delete file<', page)
+    # Given the Delete file control of a ready export: a link to a confirmation step
+    assert link and link.group(1) == f"/exports/{export_id}/delete-file"
+    confirm = admin.get(link.group(1))
+    assert confirm.status_code == 200 and confirm.headers["cache-control"] == "no-store"
+    assert "cannot be undone" in confirm.text
+    assert item_states(admin.get(f"/exports/{export_id}").text)[export_id] == "ready"  # not yet
+    fields = Forms(confirm.text).find(action=f"/exports/{export_id}/delete-file", method="post")
+    # The form needs the CSRF token
+    forged = [(k, "forged" if k == "csrf_token" else v) for k, v in fields]
+    refused = submit(admin, f"/exports/{export_id}/delete-file", forged, follow_redirects=False)
+    assert refused.status_code == 403
+    # When the user confirms
+    done = submit(admin, f"/exports/{export_id}/delete-file", fields, follow_redirects=False)
+    # Then the export's page shows it expired, deleted by whom and when
+    assert done.status_code == 303 and done.headers["location"] == f"/exports/{export_id}"
+    after = admin.get(done.headers["location"]).text
+    assert item_states(after)[export_id] == "expired"
+    assert flash_of(after) == "File deleted."
+    with sessions() as session:
+        job = session.get_one(ExportJob, uuid.UUID(export_id))
+        assert job.file_deleted_at is not None
+        shown = job.file_deleted_at.astimezone(ZoneInfo(TIMEZONE)).strftime("%Y-%m-%d %H:%M")
+    assert f"The file was deleted by admin at {shown}." in after
+    assert "Delete file" not in after
+    # And a second confirmation is refused on the page (nothing left to delete)
+    again = submit(admin, f"/exports/{export_id}/delete-file", fields)
+    assert "only ready exports have a file to delete" in flash_of(again.text)
+
+
+def test_members_cannot_reach_the_delete_step(app: Starlette) -> None:
+    admin = browser(app, "admin@acme.test")
+    export_id = _ready_export(admin, "status=canceled&channel=pos")
+    member = browser(app, "member@acme.test")
+    assert member.get(f"/exports/{export_id}/delete-file").status_code == 404
+
+
+def test_the_export_page_lists_the_latest_downloads(app: Starlette) -> None:
+    admin = browser(app, "admin@acme.test")
+    export_id = _ready_export(admin, "status=canceled&channel=web")
+    page = admin.get(f"/exports/{export_id}").text
+    assert "No downloads yet." in page
+    link = re.search(r'data-field="download" href="([^"]+)"', page)
+    assert link
+    url = link.group(1).replace("&amp;", "&")
+    assert admin.get(url, headers={"Range": "bytes=0-9"}).status_code == 206
+    assert browser(app, "member@acme.test").get(url).status_code == 403
+    listed = admin.get(f"/exports/{export_id}").text
+    section = listed.split('id="downloads"', 1)[1].split("</section>", 1)[0]
+    rows = re.findall(r"<tr>(.*?)</tr>", section, re.S)[1:]
+    assert len(rows) == 2
+    assert "member@acme.test" in rows[0] and "Refused: not an admin" in rows[0]
+    assert "admin@acme.test" in rows[1] and "Downloaded (bytes 0-9)" in rows[1]
+
+
+def test_the_export_form_offers_the_two_options_and_the_panel_shows_them(
+    app: Starlette, sessions: sessionmaker[Session]
+) -> None:
+    admin = browser(app, "admin@acme.test")
+    page = admin.get("/accounts/acme/orders?status=canceled&channel=marketplace").text
+    form = page.split('id="export-form"', 1)[1].split("</form>", 1)[0]
+    bom = re.search(r'<input type="checkbox" name="utf8_bom" value="true" id="([\w-]+)"', form)
+    gzip = re.search(r'<input type="checkbox" name="compression" value="gzip" id="([\w-]+)"', form)
+    assert bom and gzip
+    assert f'<label for="{bom.group(1)}">Excel-friendly (UTF-8 BOM)</label>' in form
+    assert f'<label for="{gzip.group(1)}">Compress (.csv.gz)</label>' in form
+    # Ticking both: the export uses both options, and the panel says so
+    fields = [*Forms(page).find(id="export-form"), ("utf8_bom", "true"), ("compression", "gzip")]
+    done = submit(admin, "/accounts/acme/exports", fields)
+    assert flash_of(done.text).startswith("Your export is ready")
+    export_id = next(iter(item_states(done.text)))
+    with sessions() as session:
+        job = session.get_one(ExportJob, uuid.UUID(export_id))
+        assert (job.utf8_bom, job.compression) == (True, "gzip")
+        assert job.file_name is not None and job.file_name.endswith(".csv.gz")
+        assert (
+            job.filters
+            == OrderFilters(status=("canceled",), channel=("marketplace",)).to_snapshot()
+        )
+    item = done.text.split(f'id="export-{export_id}"', 1)[1].split("</li>", 1)[0]
+    assert "Excel-friendly (UTF-8 BOM), Compressed (.csv.gz)" in item
+    own = admin.get(f"/exports/{export_id}").text
+    assert "<dt>Options</dt><dd>Excel-friendly (UTF-8 BOM), Compressed (.csv.gz)</dd>" in own
+    # Ticking none: a plain export, shown without options
+    plain = submit(admin, "/accounts/acme/exports", Forms(page).find(id="export-form"))
+    plain_id = next(iter(item_states(plain.text)))
+    with sessions() as session:
+        job = session.get_one(ExportJob, uuid.UUID(plain_id))
+        assert (job.utf8_bom, job.compression) == (False, "none")
+    plain_item = plain.text.split(f'id="export-{plain_id}"', 1)[1].split("</li>", 1)[0]
+    assert "export-options" not in plain_item
+    assert "Compress" in config_of(page)["option_labels"]["gzip"]

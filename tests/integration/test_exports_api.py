@@ -388,6 +388,7 @@ def test_export_detail_and_list_are_for_admins_of_the_account(
     assert set(listing[0]) == {
         "id", "account", "state", "filters", "row_count", "progress", "attempts", "created_at",
         "started_at", "finished_at", "expires_at", "error", "download_url", "file", "verdict",
+        "options", "deleted",
     }  # fmt: skip
     assert dt.datetime.fromisoformat(listing[0]["created_at"]).utcoffset() is not None
 
@@ -452,6 +453,97 @@ def ready(client: TestClient, population: Population) -> dict[str, Any]:
     response = post_export(client, population, {"status": ["canceled"], "sort": "number"})
     assert response.status_code == 201
     return response.json()["export"]  # type: ignore[no-any-return]
+
+
+# --- options.compression ------------------------------------------------------------------------
+
+
+def _ready(
+    client: TestClient, population: Population, runner: ExportRunner, response: Any
+) -> dict[str, Any]:
+    export = response.json()["export"]
+    if response.status_code == 202:
+        assert runner.run(uuid.UUID(export["id"])).outcome is Outcome.READY
+    return client.get(  # type: ignore[no-any-return]
+        f"/api/v1/order-exports/{export['id']}", headers=bearer(population)
+    ).json()["export"]
+
+
+@pytest.mark.parametrize("bom", [False, True])
+@pytest.mark.parametrize("filters", [{"status": ["refunded"]}, {"channel": ["web", "pos"]}])
+def test_a_gzip_export_is_the_plain_csv_compressed(
+    client: TestClient,
+    population: Population,
+    runner: ExportRunner,
+    filters: dict[str, Any],
+    bom: bool,
+) -> None:
+    """Inline (few rows) and background (many rows): the same bytes, gzip-compressed."""
+    import gzip
+    import hashlib
+
+    cancel_active(client, population)
+    plain = _ready(
+        client,
+        population,
+        runner,
+        post_export(client, population, filters, options={"utf8_bom": bom}),
+    )
+    packed = _ready(
+        client,
+        population,
+        runner,
+        post_export(client, population, filters, options={"utf8_bom": bom, "compression": "gzip"}),
+    )
+    assert packed["options"] == {"utf8_bom": bom, "compression": "gzip"}
+    assert plain["options"] == {"utf8_bom": bom, "compression": "none"}
+    assert packed["file"]["name"] == plain["file"]["name"] + ".gz"
+    assert packed["file"]["name"].endswith(".csv.gz")
+    plain_body = download(client, population, plain["download_url"]).content
+    response = download(client, population, packed["download_url"])
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/gzip"
+    assert response.headers["content-disposition"] == (
+        f'attachment; filename="{packed["file"]["name"]}"'
+    )
+    stored = response.content
+    # size, sha256 and ETag describe the stored (compressed) bytes
+    assert packed["file"]["size_bytes"] == len(stored) < len(plain_body)
+    assert packed["file"]["sha256"] == hashlib.sha256(stored).hexdigest()
+    assert response.headers["etag"] == f'"{packed["file"]["sha256"]}"'
+    # decompressed, byte-identical to the plain export of the same filters
+    assert gzip.decompress(stored) == plain_body
+    assert packed["row_count"] == plain["row_count"]
+
+
+def test_an_unknown_compression_is_422_naming_the_option(
+    client: TestClient, population: Population
+) -> None:
+    for value in ("zip", "GZIP", True, None, 1):
+        response = post_export(client, population, {}, options={"compression": value})
+        assert response.status_code == 422, value
+        assert response.json()["error"]["field"] == "options.compression"
+
+
+def test_the_duplicate_check_compares_filters_and_options(
+    client: TestClient, population: Population
+) -> None:
+    cancel_active(client, population)
+    filters = {"channel": ["web"], "status": ["paid", "fulfilled"]}
+    plain = post_export(client, population, filters)
+    packed = post_export(client, population, filters, options={"compression": "gzip"})
+    bom = post_export(client, population, filters, options={"utf8_bom": True})
+    assert (plain.status_code, packed.status_code, bom.status_code) == (202, 202, 202)
+    ids = {r.json()["export"]["id"] for r in (plain, packed, bom)}
+    assert len(ids) == 3
+    again = post_export(client, population, filters, options={"compression": "gzip"})
+    assert (
+        again.status_code == 200 and again.json()["export"]["id"] == packed.json()["export"]["id"]
+    )
+    explicit = post_export(client, population, filters, options={"compression": "none"})
+    assert explicit.status_code == 200
+    assert explicit.json()["export"]["id"] == plain.json()["export"]["id"]
+    cancel_active(client, population)
 
 
 class TestDownloads:

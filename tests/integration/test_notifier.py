@@ -572,3 +572,22 @@ def test_notifier_entry_point_sends_and_stops_on_sigterm(
             notifier.wait()
     assert "notifier: started" in log_path.read_text()
     assert read_mail(sink.messages()[0])["To"].addresses[0].addr_spec == people.email
+
+
+def test_ready_email_says_which_options_the_export_used(
+    notifier: Notifier, sink: MailSink, sessions: sessionmaker[Session], people: People
+) -> None:
+    plain = make_job(sessions, people, outcome=ExportState.READY)
+    packed = make_job(sessions, people, outcome=ExportState.READY)
+    with transaction(sessions) as session:
+        job = session.get_one(ExportJob, packed)
+        job.utf8_bom, job.compression = True, "gzip"
+        job.file_name = "orders-acme-20250101-1200.csv.gz"
+    notifier.handle(ready_event(plain, people))
+    notifier.handle(ready_event(packed, people))
+    bodies = [body_of(read_mail(path)) for path in sink.messages()]
+    options = sorted(line for body in bodies for line in body.splitlines() if "Options:" in line)
+    assert options == [
+        "Options:   Excel-friendly (UTF-8 BOM), Compressed (.csv.gz)",
+        "Options:   none",
+    ]

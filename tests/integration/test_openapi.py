@@ -86,6 +86,8 @@ def test_document_is_served_and_lists_every_json_route(app_settings: Settings) -
         "/api/v1/order-exports/{export_id}",
         "/api/v1/order-exports/{export_id}/retry",
         "/api/v1/order-exports/{export_id}/cancel",
+        "/api/v1/order-exports/{export_id}/file",
+        "/api/v1/order-exports/{export_id}/downloads",
         "/exports/{export_id}/download",
         "/healthz",
         "/readyz",

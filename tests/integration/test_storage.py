@@ -14,13 +14,13 @@ from typing import Any, BinaryIO, cast
 
 import boto3  # type: ignore[import-untyped]
 import pytest
-from moto.server import ThreadedMotoServer
 
 import shared.storage.s3 as s3_module
 from shared.errors import ConfigurationError, StorageError
 from shared.storage import CHUNK_BYTES, Storage, check_key, new_object_key, storage_from_url
 from shared.storage.local import LocalStorage
 from shared.storage.s3 import S3Storage
+from tests.integration.s3server import S3TestServer
 
 MIB = 1024 * 1024
 #: Smallest part size S3 allows, so a 12 MiB object becomes a 3-part upload (MiB).
@@ -113,15 +113,19 @@ def _s3_storage(endpoint: str, **overrides: Any) -> S3Storage:
 
 
 @pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    """A real S3-protocol server (moto) on a free loopback port, for this module."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+def s3_server() -> Iterator[S3TestServer]:
+    """A real S3-protocol server (moto, expiring presigned URLs) on a free loopback port."""
+    server = S3TestServer()
     server.start()
     try:
-        host, port = server.get_host_and_port()
-        yield f"{host}:{port}"
+        yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint(s3_server: S3TestServer) -> str:
+    return s3_server.endpoint
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -193,6 +197,110 @@ def test_open_closed_early_releases_and_later_reads_still_work(storage: Storage)
         assert len(next(chunks)) == CHUNK_BYTES
         cast(Any, chunks).close()
     assert hashlib.sha256(b"".join(storage.open(key))).hexdigest() == _digest(2 * MIB)
+
+
+# --- ranged reads -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("offset", "length"),
+    [(0, 10), (1000, None), (CHUNK_BYTES - 3, 7), (CHUNK_BYTES + 5, 3 * BLOCK_BYTES), (5, 0)],
+)
+def test_open_reads_one_byte_range(storage: Storage, offset: int, length: int | None) -> None:
+    key = _key()
+    data = b"".join(_blocks(2 * MIB, 3))
+    storage.put(key, io.BytesIO(data))
+    end = None if length is None else offset + length
+    assert b"".join(storage.open(key, offset=offset, length=length)) == data[offset:end]
+
+
+def test_s3_ranged_reads_are_ranged_gets(s3_server: S3TestServer) -> None:
+    # Given a 2 MiB object
+    storage = _s3_storage(s3_server.endpoint)
+    storage.prepare()
+    key = _key()
+    data = b"".join(_blocks(2 * MIB, 4))
+    storage.put(key, io.BytesIO(data))
+    before = len(s3_server.front.requests)
+    # When 100 bytes from the middle, then the tail, are read
+    assert b"".join(storage.open(key, offset=MIB, length=100)) == data[MIB : MIB + 100]
+    assert b"".join(storage.open(key, offset=2 * MIB - 50)) == data[-50:]
+    # Then the server was asked for exactly those ranges, never for the whole object
+    gets = [r for r in s3_server.front.requests[before:] if r[0] == "GET"]
+    assert [r[2] for r in gets] == [f"bytes={MIB}-{MIB + 99}", f"bytes={2 * MIB - 50}-"]
+
+
+def test_local_ranged_reads_start_with_a_seek(tmp_path: Path) -> None:
+    # A sparse file of 4 GiB with data at the very end: reading from the start would read
+    # 4 GiB of zeros; a seek reads 16 bytes.
+    storage = LocalStorage(root=tmp_path)
+    key = _key()
+    storage.put(key, io.BytesIO(b""))
+    path = tmp_path / key
+    with path.open("r+b") as file:
+        file.seek(4 * 1024 * MIB)
+        file.write(b"0123456789abcdef")
+    chunks = storage.open(key, offset=4 * 1024 * MIB + 4, length=8)
+    first = next(chunks)
+    assert first == b"456789ab"  # one read of exactly the range, not 256 KiB of zeros
+    assert list(chunks) == []
+
+
+def test_presigned_get_serves_the_attachment_until_it_expires(s3_server: S3TestServer) -> None:
+    import urllib.request
+    from urllib.error import HTTPError
+
+    storage = _s3_storage(s3_server.endpoint)
+    storage.prepare()
+    key = _key()
+    storage.put(key, io.BytesIO(b"id,total\n1,2.00\n"))
+    url = storage.presigned_get(
+        key, expires_seconds=2, filename="orders-acme-20261201-1200.csv", content_type="text/csv"
+    )
+    assert url is not None and "X-Amz-Expires=2" in url
+    with urllib.request.urlopen(url) as response:  # noqa: S310 (a loopback test server)
+        assert response.read() == b"id,total\n1,2.00\n"
+        assert response.headers["Content-Disposition"] == (
+            'attachment; filename="orders-acme-20261201-1200.csv"'
+        )
+        assert response.headers["Content-Type"] == "text/csv"
+    time.sleep(3.2)  # X-Amz-Date has whole seconds: 2 s of validity end within 3 s
+    with pytest.raises(HTTPError) as refused:
+        urllib.request.urlopen(url)  # noqa: S310
+    refused.value.close()
+    assert refused.value.code == 403
+
+
+def test_local_storage_has_no_presigned_urls(tmp_path: Path) -> None:
+    storage = LocalStorage(root=tmp_path)
+    assert (
+        storage.presigned_get(_key(), expires_seconds=60, filename="a.csv", content_type="x")
+        is None
+    )
+
+
+# --- gzip --------------------------------------------------------------------------------------
+
+
+def test_a_gzip_copy_stream_goes_up_in_parts_and_gunzips_to_the_csv(storage: Storage) -> None:
+    """12 MiB of hardly compressible rows: 3 parts of 5 MiB to S3, in constant memory."""
+    import gzip
+
+    from shared.csvfile import GzipCopyStream
+
+    rng = random.Random(5)
+    rows = [rng.randbytes(600) + b"\n" for _ in range(21_000)]  # 12.6 MB of noise
+    stream = GzipCopyStream(chunks=iter(rows), prefix=b"header\n")
+    key = _key()
+    written = storage.put(key, cast(BinaryIO, stream))
+    stored = b"".join(storage.open(key))
+    assert written == stream.size == len(stored) > 2 * PART_SIZE_MIB * MIB
+    assert stream.sha256 == hashlib.sha256(stored).hexdigest()
+    assert stream.rows == len(rows)
+    assert gzip.decompress(stored) == b"header\n" + b"".join(rows)
+    if isinstance(storage, S3Storage):
+        head = _s3_client(storage.endpoint).head_object(Bucket=storage.bucket, Key=key)
+        assert head["ETag"].strip('"').endswith("-3")  # a multipart upload of 3 parts
 
 
 # --- atomicity ---------------------------------------------------------------------------------

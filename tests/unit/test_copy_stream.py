@@ -33,3 +33,23 @@ def test_empty_copy_is_just_the_header() -> None:
     stream = CopyStream(chunks=iter([]), prefix=b"h\n")
     assert stream.read() == b"h\n"
     assert (stream.rows, stream.size) == (0, 2)
+
+
+@pytest.mark.parametrize("read_size", [1, 100, 1 << 20])
+def test_gzip_stream_is_the_csv_compressed_and_describes_the_stored_bytes(read_size: int) -> None:
+    import gzip
+
+    from shared.csvfile import GzipCopyStream
+
+    prefix = b"Order,Name,Note\n"
+    data = rows(3000)
+    stream = GzipCopyStream(chunks=iter(data), prefix=prefix)
+    out = io.BytesIO()
+    while chunk := stream.read(read_size):
+        out.write(chunk)
+    stored = out.getvalue()
+    assert gzip.decompress(stored) == prefix + b"".join(data)
+    assert stream.rows == 3000
+    assert (stream.size, stream.sha256) == (len(stored), hashlib.sha256(stored).hexdigest())
+    again = GzipCopyStream(chunks=iter(data), prefix=prefix).read()
+    assert again == stored  # no name or time in the header: same CSV, same bytes

@@ -80,6 +80,16 @@
     return `/accounts/${e.account}/orders` + (text ? `?${text}` : "");
   }
 
+  function options(e) { // ExportUi.options in exportviews.py
+    const o = e.options || {};
+    const words = [];
+    if (o.utf8_bom) words.push(config.option_labels.utf8_bom);
+    if (o.compression === "gzip") words.push(config.option_labels.gzip);
+    return words.join(", ");
+  }
+
+  const deleted = (e) => (e.deleted ? `deleted by ${e.deleted.by} at ${localTime(e.deleted.at)}` : "");
+
   const key = (e) => `${e.state}|${e.error ? e.error.code : ""}|${e.attempts}|${e.verdict}|${e.download_url ? 1 : 0}`;
 
   // -- drawing -----------------------------------------------------------------------------
@@ -130,6 +140,8 @@
       if (narrower(e)) box.append(" ", el("a", { href: reportUrl(e), text: "Change the filters" }));
     } else if (e.state === "canceled") {
       box.append(el("span", { text: `Canceled ${localTime(e.finished_at)}.` }));
+    } else if (e.state === "expired" && e.deleted) {
+      box.append(el("span", { "data-field": "deleted", text: `The file was ${deleted(e)}. Export again for a fresh file.` }));
     } else if (e.state === "expired") {
       box.append(el("span", { text: "The file was deleted when it expired. Export again for a fresh file." }));
     }
@@ -139,6 +151,9 @@
   function actions(e) {
     const box = el("div", { class: "export-actions" });
     if (ACTIVE.has(e.state)) box.append(actionForm(e, "cancel", "Cancel"));
+    else if (e.state === "ready" && e.download_url) {
+      box.append(el("a", { class: "button secondary danger", href: `/exports/${e.id}/delete-file`, "data-action": "delete_file", "data-id": e.id, text: "Delete file" }));
+    }
     else if (config.enabled && e.state === "failed" && e.error && e.error.retryable) box.append(actionForm(e, "retry", "Retry", "primary"));
     else if (config.enabled && e.state === "canceled") box.append(actionForm(e, "retry", "Export again"));
     else if (config.enabled && e.state === "expired") box.append(actionForm(e, "retry", "Re-export", "primary"));
@@ -151,6 +166,9 @@
         el("span", { class: `badge badge-${e.state}`, text: config.labels[e.state] }),
         el("span", { class: `verdict verdict-${e.verdict}`, text: config.verdicts[e.verdict] }),
         el("a", { class: "export-title", href: `/exports/${e.id}`, text: summary(e.filters) }),
+        options(e) ? " " : null,
+        options(e) ? el("span", { class: "muted export-options", "data-field": "options", text: options(e) }) : null,
+        " ",
         el("span", { class: "muted export-when", text: `requested ${localTime(e.created_at)}` })),
       detail(e),
       actions(e));
@@ -285,7 +303,12 @@
       button.disabled = true;
       say(config.messages.requesting);
       try {
-        const response = await post(config.create_url, { filters: config.filters });
+        const options = {}; // the two checkboxes, as the plain form sends them
+        const bom = exportForm.querySelector('input[name="utf8_bom"]');
+        const gzip = exportForm.querySelector('input[name="compression"]');
+        if (bom && bom.checked) options.utf8_bom = true;
+        if (gzip && gzip.checked) options.compression = gzip.value;
+        const response = await post(config.create_url, { filters: config.filters, options });
         if (response.ok) {
           const body = await response.json();
           generation += 1;
@@ -329,6 +352,35 @@
       schedule(config.active_poll_ms);
     } catch (ignored) {
       form.submit();
+    }
+  });
+
+  // Delete file: a link to the confirmation page without this script; with it, the browser's
+  // own confirmation, then DELETE through the API.
+  list.addEventListener("click", async (event) => {
+    const link = event.target.closest('a[data-action="delete_file"]');
+    if (!link) return;
+    event.preventDefault();
+    if (!window.confirm(config.messages.confirm_delete)) return;
+    say(config.messages.working);
+    try {
+      const response = await fetch(`/api/v1/order-exports/${link.dataset.id}/file`, {
+        method: "DELETE",
+        credentials: "same-origin",
+        headers: { Accept: "application/json", "X-CSRF-Token": config.csrf },
+      });
+      if (response.ok) {
+        const body = await response.json();
+        generation += 1;
+        states.set(body.export.id, body.export.state);
+        place(body.export);
+        say(config.messages.deleted);
+      } else {
+        say(await errorText(response), true);
+      }
+      schedule(config.active_poll_ms);
+    } catch (ignored) {
+      window.location.href = link.href; // the network failed us: the confirmation page works
     }
   });
 

@@ -1,6 +1,6 @@
 """security hardening: server-side sessions, token expiry, per-client login throttle, pruning
 
-Revision ID: 0004
+Revision ID: 0003
 Revises: 0002
 """
 
@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0004"
+revision: str = "0003"
 down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
