@@ -142,6 +142,20 @@ class Throttled(io.RawIOBase):
         return count
 
 
+#: Longest wait for the export database to accept a connection (seconds).
+CONNECT_TIMEOUT_SECONDS = 10
+#: libpq TCP options of export connections: a database host that vanishes silently mid-COPY
+#: (no FIN, no RST) breaks the connection within ~30 s instead of blocking the read forever
+#: (``statement_timeout`` is server-side and cannot fire then). No effect on Unix sockets.
+KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,  # milliseconds
+}
+
+
 class ExportQuery:
     """A read-only, snapshot-consistent connection that counts then copies the export's rows.
 
@@ -150,7 +164,11 @@ class ExportQuery:
 
     def __init__(self, *, database_url: str, statement_timeout_seconds: int) -> None:
         self._conn = psycopg.connect(
-            database_url, autocommit=False, application_name="orders-export-worker"
+            database_url,
+            autocommit=False,
+            application_name="orders-export-worker",
+            connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            **KEEPALIVES,
         )
         self._timeout_ms = statement_timeout_seconds * 1000
         self._lock = threading.Lock()
@@ -161,6 +179,10 @@ class ExportQuery:
     def rows_written(self) -> int:
         """Rows streamed so far (read by the heartbeat thread)."""
         return self._stream.rows if self._stream else 0
+
+    def fileno(self) -> int:
+        """The connection's socket (tests check its TCP options)."""
+        return self._conn.fileno()
 
     def __enter__(self) -> ExportQuery:
         # One snapshot for the count and the COPY: the estimate is the exact row count.

@@ -300,6 +300,8 @@ class Notifier:
                 return
             kind, expected = KIND_READY, ExportState.READY
         elif isinstance(event, ExportFailed) and event.final:
+            if not event.notify:  # made inside the request: the response told the user
+                return
             kind, expected = KIND_FAILED, ExportState.FAILED
         else:
             return

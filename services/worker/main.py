@@ -60,7 +60,12 @@ def main() -> int:
         add_prometheus_middleware(broker, multiproc_dir=settings.prometheus_multiproc_dir)
     else:
         log.info("worker: no PROMETHEUS_MULTIPROC_DIR, so no Dramatiq metrics (in-process mode)")
-    actors = declare_actors(broker, runner=runner, sessions=sessions)
+    actors = declare_actors(
+        broker,
+        runner=runner,
+        sessions=sessions,
+        statement_timeout_seconds=settings.export_statement_timeout_seconds,
+    )
     broker.emit_after("process_boot")  # as the dramatiq command line does in a worker process
     # This process owns the backlog gauges (jobs per state, queue depth, outbox, consumer lag).
     monitor = BacklogMonitor(
