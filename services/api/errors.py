@@ -24,6 +24,7 @@ STATUS_BY_ERROR: dict[type[errors.OrdersExportError], int] = {
     errors.FileExpired: 410,
     errors.ExportsDisabled: 503,
     errors.StorageError: 503,
+    errors.InlineExportFailed: 503,
     errors.ConfigurationError: 500,
 }
 
