@@ -74,9 +74,12 @@ class CopyStream(io.RawIOBase):
     when a value contains newlines), so progress is exact and costs nothing.
     """
 
-    def __init__(self, *, chunks: Iterator[Any], prefix: bytes) -> None:
+    def __init__(
+        self, *, chunks: Iterator[Any], prefix: bytes, stopped: Callable[[], bool] = bool
+    ) -> None:
         super().__init__()
         self._chunks = chunks
+        self._stopped = stopped
         self._pending = memoryview(prefix)
         self._digest = hashlib.sha256()
         self.size = 0
@@ -88,6 +91,8 @@ class CopyStream(io.RawIOBase):
     def readinto(self, buffer: Any) -> int:
         # Hot path: one call per ~1 MiB read, one loop turn per row. Rows are copied into the
         # caller's buffer; hashing and counting happen once per call, not once per row.
+        if self._stopped():  # canceled: do not drain what the socket still holds
+            raise psycopg.errors.QueryCanceled("the export was stopped")
         target = memoryview(buffer).cast("B")
         space = len(target)
         filled = min(len(self._pending), space)
@@ -219,7 +224,9 @@ class ExportQuery:
         prefix = (UTF8_BOM if utf8_bom else b"") + header_line(account.timezone)
         cursor = psycopg.ClientCursor(self._conn)
         with cursor.copy(statement, params) as copy:
-            stream = self._stream = CopyStream(chunks=iter(copy), prefix=prefix)
+            stream = self._stream = CopyStream(
+                chunks=iter(copy), prefix=prefix, stopped=lambda: self.canceled
+            )
             sink(stream)
         return CsvFile(row_count=stream.rows, size_bytes=stream.size, sha256=stream.sha256)
 

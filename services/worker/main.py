@@ -31,8 +31,12 @@ from shared.storage import storage_from_url
 
 log = logging.getLogger("orders_export.worker")
 
-#: How long a stopping worker waits for running exports before leaving them to the rescuer (ms).
-SHUTDOWN_TIMEOUT_MS = 20_000
+#: After WORKER_SHUTDOWN_GRACE_SECONDS, how long handing running exports back may take (s):
+#: the heartbeat notices within a second, cancels the COPY and records ``queued``.
+HAND_BACK_SECONDS = 5
+#: How long the stop waits for the Kafka bridge, housekeeping and the backlog monitor (s each;
+#: they were told to stop at the signal, so they are done by then).
+THREAD_JOIN_SECONDS = 2
 #: How long an idle Dramatiq consumer blocks on Redis before looking again (ms).
 CONSUMER_WAIT_MS = 50
 
@@ -105,9 +109,15 @@ def main() -> int:
         thread.start()
     log.info("worker: started (%d export threads)", settings.export_worker_threads)
     stop.wait()
+    # Stop claiming at once; running exports get the grace, then go back to the queue with their
+    # attempt refunded. Whole stop: grace (<= 20 s) + hand-back + joins, within compose's 30 s.
+    grace = settings.worker_shutdown_grace_seconds
+    log.info("worker: stopping; running exports get %d s, then are handed back", grace)
+    hand_back = runner.drain(grace_seconds=grace)
+    worker.stop(timeout=(grace + HAND_BACK_SECONDS) * 1000)
+    hand_back.cancel()
     for thread in threads:
-        thread.join(timeout=15)
-    worker.stop(timeout=SHUTDOWN_TIMEOUT_MS)
+        thread.join(timeout=THREAD_JOIN_SECONDS)
     if metrics_server is not None:
         metrics_server.stop()
     broker.close()

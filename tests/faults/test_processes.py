@@ -10,7 +10,8 @@ import time
 import httpx2
 import pytest
 
-from services.worker.main import SHUTDOWN_TIMEOUT_MS
+from services.worker.main import HAND_BACK_SECONDS
+from shared.settings import Settings
 from tests.e2e.harness import LiveStack, body_text
 from tests.faults.support import (
     abort_incomplete_upload_days,
@@ -79,7 +80,8 @@ def test_worker_stopped_with_sigterm_finishes_or_hands_back_its_export(
     started = time.monotonic()
     stack.kill_service("worker", signal.SIGTERM)
     assert worker.exit_code == 0  # a clean exit, not a crash
-    assert time.monotonic() - started < SHUTDOWN_TIMEOUT_MS / 1000 + 20
+    grace = Settings.model_fields["worker_shutdown_grace_seconds"].default
+    assert time.monotonic() - started < grace + HAND_BACK_SECONDS + 20
     state_at_exit = export_of(api, export_id)["state"]
     assert state_at_exit in ("ready", "running", "queued")
     stack.start_service("worker")
