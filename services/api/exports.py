@@ -32,7 +32,7 @@ from shared.errors import (
 from shared.models import Account, ExportJob
 from shared.runner import ExportRunner, Outcome
 from shared.signing import SigningKeys
-from shared.storage import Storage, storage_from_url
+from shared.storage import Storage, lifecycle_days, storage_from_url
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,9 @@ def storage_of(app: Starlette) -> Storage:
         if getattr(app.state, "storage", None) is None:
             settings = app.state.settings
             storage = storage_from_url(
-                settings.require("storage_url"), part_size_mib=settings.storage_part_size_mib
+                settings.require("storage_url"),
+                part_size_mib=settings.storage_part_size_mib,
+                expire_days=lifecycle_days(settings.export_file_ttl_seconds),
             )
             storage.prepare()
             app.state.storage = storage

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -77,6 +78,24 @@ class Actors:
 
     def send_generate(self, export_id: str, *, delay_ms: int | None = None) -> None:
         self.generate_csv.send_with_options(args=(export_id,), delay=delay_ms)
+
+    def waiting_export_ids(self) -> set[str]:
+        """Export ids with a work message in the exports queue: waiting in Redis, or fetched
+        by a worker's consumer and not yet acknowledged (Dramatiq keeps each message in the
+        queue's ``.msgs`` hash until then). Delayed messages are left out: a consumer that lost
+        its Redis connection drops those from memory (docs/reliability.md, known limits)."""
+        broker = self.generate_csv.broker
+        client = broker.client  # type: ignore[attr-defined]
+        namespace = broker.namespace  # type: ignore[attr-defined]
+        found: set[str] = set()
+        for raw in client.hvals(f"{namespace}:{EXPORTS_QUEUE}.msgs"):
+            try:
+                args = json.loads(raw).get("args") or []
+            except (ValueError, AttributeError):
+                continue
+            if args and isinstance(args[0], str):
+                found.add(args[0])
+        return found
 
 
 def declare_actors(

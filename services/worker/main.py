@@ -27,7 +27,7 @@ from shared.flags import FlagCache
 from shared.notifications import CONSUMER_GROUP as NOTIFIER_GROUP
 from shared.runner import ExportRunner
 from shared.settings import load_settings
-from shared.storage import storage_from_url
+from shared.storage import lifecycle_days, storage_from_url
 
 log = logging.getLogger("orders_export.worker")
 
@@ -46,7 +46,9 @@ def main() -> int:
     try:
         settings = load_settings()
         storage = storage_from_url(
-            settings.require("storage_url"), part_size_mib=settings.storage_part_size_mib
+            settings.require("storage_url"),
+            part_size_mib=settings.storage_part_size_mib,
+            expire_days=lifecycle_days(settings.export_file_ttl_seconds),
         )
         settings.require("redis_url")
         settings.require("kafka_bootstrap_servers")
