@@ -6,6 +6,7 @@ classified outcome in the database, no file of its own left behind, and counters
 from __future__ import annotations
 
 import contextlib
+import io
 import socket
 import threading
 import time
@@ -388,3 +389,136 @@ def test_a_stalled_copy_lets_its_lease_lapse_and_is_requeued(
     storage.pause = 0
     assert make_runner(settings, sessions, storage).run(export_id).outcome is Outcome.READY
     assert job_of(sessions, export_id).attempts == 2
+
+
+class GatedStorage(FaultyStorage):
+    """Storage whose upload stops reading after its first chunk until ``gate`` is set: a
+    worker frozen mid-export (a long GC pause, a stopped VM) that later wakes up."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__(inner)
+        self.gate = threading.Event()
+        self.reading = threading.Event()
+
+    def put(self, key: str, stream: Any) -> int:
+        storage = self
+
+        class Gated(io.RawIOBase):
+            def readable(self) -> bool:
+                return True
+
+            def readinto(self, buffer: Any) -> int:
+                if storage.reading.is_set():
+                    storage.gate.wait(60)
+                storage.reading.set()
+                view = memoryview(buffer)[: 64 * 1024]
+                return int(stream.readinto(view) or 0)
+
+        if self.gate.is_set():
+            return self.inner.put(key, stream)
+        return self.inner.put(key, Gated())  # type: ignore[arg-type]
+
+
+def test_a_rescued_worker_that_wakes_up_leaves_no_file_and_no_second_ready_event(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    ids: dict[str, int],
+    actors: Actors,
+    tmp_path: Path,
+) -> None:
+    inner = storage_from_url((tmp_path / "files").as_uri())
+    inner.prepare()
+    storage = GatedStorage(inner)
+    lease = {"export_lease_seconds": 3}
+    export_id = make_job(sessions, account_id=ids["fail-g"], user_id=ids["user"])
+    # Given a worker frozen mid-upload: no progress, so its lease lapses and it is rescued
+    old, results = run_in_thread(make_runner(settings, sessions, storage, **lease), export_id)
+    assert storage.reading.wait(30)
+    maintenance = Maintenance(
+        settings=settings.model_copy(update=lease),
+        sessions=sessions,
+        storage=storage,
+        actors=actors,
+    )
+
+    def rescued() -> bool:
+        maintenance.rescue()
+        return job_of(sessions, export_id).state is ExportState.QUEUED
+
+    wait_until(rescued, what="the rescue")
+    # When another worker claims it and completes it
+    other = FaultyStorage(inner)
+    assert make_runner(settings, sessions, other).run(export_id).outcome is Outcome.READY
+    ready = job_of(sessions, export_id)
+    # And the old worker wakes up and tries to go on
+    storage.gate.set()
+    old.join(timeout=30)
+    assert not old.is_alive()
+    # Then the fencing holds: only the new worker's file, one ExportReady, still ready
+    assert [getattr(r, "outcome", r) for r in results] == [Outcome.CANCELED]
+    assert [p.name for p in files_in(storage)] == [Path(ready.storage_key or "").name]
+    assert [e["type"] for e in events_of(sessions, export_id)].count("ExportReady") == 1
+    after = job_of(sessions, export_id)
+    assert (after.state, after.storage_key, after.attempts) == (
+        ExportState.READY,
+        ready.storage_key,
+        2,
+    )
+
+
+def test_racing_claims_keep_one_running_export_per_account(
+    settings: Settings, sessions: sessionmaker[Session], ids: dict[str, int]
+) -> None:
+    from shared import jobs
+    from shared.db import make_engine, make_sessionmaker
+
+    racers = 5
+    engine = make_engine(settings.database_url, pool_size=racers)
+    racing = make_sessionmaker(engine)
+    try:
+        with transaction(sessions) as session:
+            account = ensure_account(session, slug="race-claims", timezone="UTC")
+            account_id = account.id
+        for _round in range(10):
+            queued = [
+                make_job(sessions, account_id=account_id, user_id=ids["user"])
+                for _ in range(racers)
+            ]
+            barrier = threading.Barrier(racers)
+            claimed: list[uuid.UUID] = []
+
+            def claim(
+                export_id: uuid.UUID, barrier: threading.Barrier, claimed: list[uuid.UUID]
+            ) -> None:
+                with racing() as session, session.begin():
+                    barrier.wait()  # every worker claims at the same moment
+                    job = jobs.claim(
+                        session, export_id, worker_id=f"w-{export_id}", lease_seconds=30
+                    )
+                    if job is not None:
+                        claimed.append(job.id)
+
+            threads = [threading.Thread(target=claim, args=(e, barrier, claimed)) for e in queued]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            with sessions() as session:
+                running = session.scalar(
+                    text(
+                        "SELECT count(*) FROM export_jobs WHERE account_id = :a"
+                        " AND state = 'running'"
+                    ),
+                    {"a": account_id},
+                )
+            assert (len(claimed), running) == (1, 1)
+            with transaction(sessions) as session:  # finish the round: nothing runs any more
+                session.execute(
+                    text(
+                        "UPDATE export_jobs SET state = 'canceled' WHERE account_id = :a"
+                        " AND state IN ('running', 'queued')"
+                    ),
+                    {"a": account_id},
+                )
+    finally:
+        engine.dispose()
