@@ -51,6 +51,19 @@ MAX_ATTEMPTS = KILLS + 2
 DEADLINE_SECONDS = 420
 
 
+def busy_workers(stack: LiveStack, workers: list[ChildProcess]) -> list[ChildProcess]:
+    """The workers running an export now (a worker id is ``host:pid:random``), waiting a while
+    for one: a kill should hit exports mid-flight, not a worker still starting up."""
+    deadline = time.monotonic() + 30
+    while True:
+        rows = stack.sql("SELECT worker_id FROM export_jobs WHERE state = 'running'")
+        pids = {int(worker_id.split(":")[1]) for (worker_id,) in rows if worker_id}
+        busy = [worker for worker in workers if worker.pid in pids]
+        if busy or time.monotonic() > deadline:
+            return busy
+        time.sleep(0.2)
+
+
 def start_worker(stack: LiveStack, number: int) -> ChildProcess:
     env = {
         **os.environ,
@@ -96,8 +109,8 @@ def test_workers_killed_at_random_every_export_ready_once_with_the_right_file(
         deadline = time.monotonic() + DEADLINE_SECONDS
         signals: list[str] = []
         for _ in range(KILLS):
-            time.sleep(rng.uniform(1.0, 4.0))
-            victim = rng.choice(workers)
+            time.sleep(rng.uniform(0.5, 3.0))
+            victim = rng.choice(busy_workers(stack, workers) or workers)
             signum = rng.choice((signal.SIGKILL, signal.SIGTERM))
             signals.append(signum.name)
             assert victim.pid is not None
