@@ -2,7 +2,9 @@
 throttled exports over three accounts run. Every export ends ``ready`` exactly once, each file
 equals a fault-free run of its filters (header + the same COPY as the report), one email each.
 
-The seed of the random choices is in the test's output (``CHAOS_SEED`` replays a run)."""
+The seed of the random choices is in the test's output (``CHAOS_SEED`` replays a run). It runs
+after tests/faults/test_replay.py (file order): that one replays the in-memory broker's topics,
+which an earlier broker restart (test_infrastructure.py) empties of older events."""
 
 from __future__ import annotations
 
