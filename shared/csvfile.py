@@ -79,9 +79,12 @@ class CopyStream(io.RawIOBase):
     when a value contains newlines), so progress is exact and costs nothing.
     """
 
-    def __init__(self, *, chunks: Iterator[Any], prefix: bytes) -> None:
+    def __init__(
+        self, *, chunks: Iterator[Any], prefix: bytes, stopped: Callable[[], bool] = bool
+    ) -> None:
         super().__init__()
         self._chunks = chunks
+        self._stopped = stopped
         self._pending = memoryview(prefix)
         self._digest = hashlib.sha256()
         self.size = 0
@@ -100,6 +103,8 @@ class CopyStream(io.RawIOBase):
     def _fill(self, target: memoryview) -> int:
         # Hot path: one call per ~1 MiB read, one loop turn per row. Rows are copied into the
         # caller's buffer; hashing and counting happen once per call, not once per row.
+        if self._stopped():  # canceled: do not drain what the socket still holds
+            raise psycopg.errors.QueryCanceled("the export was stopped")
         space = len(target)
         filled = min(len(self._pending), space)
         target[:filled] = self._pending[:filled]
@@ -137,8 +142,15 @@ class GzipCopyStream(CopyStream):
     CSV always compresses to the same bytes.
     """
 
-    def __init__(self, *, chunks: Iterator[Any], prefix: bytes, level: int = GZIP_LEVEL) -> None:
-        super().__init__(chunks=chunks, prefix=prefix)
+    def __init__(
+        self,
+        *,
+        chunks: Iterator[Any],
+        prefix: bytes,
+        stopped: Callable[[], bool] = bool,
+        level: int = GZIP_LEVEL,
+    ) -> None:
+        super().__init__(chunks=chunks, prefix=prefix, stopped=stopped)
         self._compressor = zlib.compressobj(level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
         self._plain = bytearray(READ_SIZE)
         self._out = memoryview(b"")
@@ -184,6 +196,20 @@ class Throttled(io.RawIOBase):
         return count
 
 
+#: Longest wait for the export database to accept a connection (seconds).
+CONNECT_TIMEOUT_SECONDS = 10
+#: libpq TCP options of export connections: a database host that vanishes silently mid-COPY
+#: (no FIN, no RST) breaks the connection within ~30 s instead of blocking the read forever
+#: (``statement_timeout`` is server-side and cannot fire then). No effect on Unix sockets.
+KEEPALIVES: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,  # milliseconds
+}
+
+
 class ExportQuery:
     """A read-only, snapshot-consistent connection that counts then copies the export's rows.
 
@@ -192,7 +218,11 @@ class ExportQuery:
 
     def __init__(self, *, database_url: str, statement_timeout_seconds: int) -> None:
         self._conn = psycopg.connect(
-            database_url, autocommit=False, application_name="orders-export-worker"
+            database_url,
+            autocommit=False,
+            application_name="orders-export-worker",
+            connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            **KEEPALIVES,
         )
         self._timeout_ms = statement_timeout_seconds * 1000
         self._lock = threading.Lock()
@@ -203,6 +233,10 @@ class ExportQuery:
     def rows_written(self) -> int:
         """Rows streamed so far (read by the heartbeat thread)."""
         return self._stream.rows if self._stream else 0
+
+    def fileno(self) -> int:
+        """The connection's socket (tests check its TCP options)."""
+        return self._conn.fileno()
 
     def __enter__(self) -> ExportQuery:
         # One snapshot for the count and the COPY: the estimate is the exact row count.
@@ -244,7 +278,9 @@ class ExportQuery:
         cursor = psycopg.ClientCursor(self._conn)
         kind = GzipCopyStream if compression == "gzip" else CopyStream
         with cursor.copy(statement, params) as copy:
-            stream = self._stream = kind(chunks=iter(copy), prefix=prefix)
+            stream = self._stream = kind(
+                chunks=iter(copy), prefix=prefix, stopped=lambda: self.canceled
+            )
             sink(stream)
         return CsvFile(row_count=stream.rows, size_bytes=stream.size, sha256=stream.sha256)
 

@@ -127,6 +127,12 @@ class TooManyRows(OrdersExportError):
     code = "too_many_rows"
 
 
+class InlineExportFailed(OrdersExportError):
+    """A small export made inside the request failed for good (the job records why)."""
+
+    code = "export_failed"
+
+
 class LinkExpired(OrdersExportError):
     """A signed download link is past its expiry."""
 

@@ -98,6 +98,8 @@ class ExportFailed(Event):
     message: str
     retryable: bool
     final: bool
+    #: False for exports made inside the request: the user saw the error in the response.
+    notify: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)

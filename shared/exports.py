@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -33,7 +33,7 @@ from shared.errors import (
 from shared.events import ExportCanceled, ExportExpired, ExportRequested
 from shared.filters import OrderFilters, parse_filter_object
 from shared.flags import FlagCache
-from shared.models import Account, ExportJob, ExportState, Role, User
+from shared.models import Account, ExportJob, ExportState, Notification, Role, User
 from shared.report import count_rows, estimate_rows
 from shared.settings import Settings
 from shared.signing import SigningKeys, download_path
@@ -306,6 +306,9 @@ def retry(
 ) -> ExportJob:
     job, account = get_for_admin(session, export_id, user)
     check_retryable(job, exports_enabled=flags.get("exports_enabled"))
+    # The same per-user lock request_export takes: concurrent retries see each other's writes,
+    # so together they cannot exceed the cap.
+    session.execute(select(User.id).where(User.id == user.id).with_for_update())
     _check_active_cap(session, settings=settings, user=user)
     return requeue(
         session, settings=settings, job=job, account=account, actor=f"user:{user.id}",
@@ -337,6 +340,9 @@ def requeue(
         raise Conflict("an identical export of yours is already queued or running") from None
     if moved is None:
         raise Conflict("the export changed state; reload and try again")
+    # A new run means new emails: the (export_id, kind) records of the old run would make the
+    # notifier take the new file's ExportReady for a duplicate.
+    session.execute(delete(Notification).where(Notification.export_id == job.id))
     outbox.add(session, ExportRequested(export_id=str(job.id), account=account.slug))
     return moved
 

@@ -137,7 +137,7 @@ def heartbeat(
     export_id: uuid.UUID,
     *,
     worker_id: str,
-    lease_seconds: int,
+    lease_seconds: float,
     rows_written: int,
     rows_estimate: int | None,
 ) -> bool:

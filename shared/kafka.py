@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -109,6 +110,10 @@ class ConsumerLoop:
     - ``handle`` raises: nothing is stored; the consumer seeks back to the message, sleeps
       (exponential backoff, capped at 10 s, cut short by ``stop``) and retries it. Later
       messages of that partition wait behind it; other partitions go on between the sleeps.
+    - ``handle`` still fails CONSUMER_MAX_RETRY_SECONDS after its first failure: the message is
+      copied to the dead-letter topic (``error`` names the exception type), ``give_up`` is
+      called with the event, and its offset is stored. No message holds up its partition for
+      longer than that bound (plus one handler call).
 
     Only a bad configuration makes :meth:`run` raise (at start); after that, errors are
     logged and the loop carries on until ``stop`` is set.
@@ -125,12 +130,17 @@ class ConsumerLoop:
         topics: list[str],
         handle: Callable[[Event], None],
         name: str,
+        give_up: Callable[[Event, str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.group_id = group_id
         self.topics = list(topics)
         self.handle = handle
+        self.give_up = give_up
         self.name = name
+        self.max_retry_seconds = float(settings.consumer_max_retry_seconds)
+        #: (topic, partition, offset) of the failing message -> when it first failed.
+        self._failing_since: dict[tuple[str, int, int], float] = {}
         self.handled = 0
         self.failed = 0
         self.dead_lettered = 0
@@ -180,8 +190,21 @@ class ConsumerLoop:
             # seen again after the failed message succeeded.
             consumer.seek(TopicPartition(where[0], where[1], pending))
             return False
-        if self._process(consumer, message):
+        failure = self._process(consumer, message)
+        if failure is None:
             self._retry_from.pop(where, None)
+            self._failing_since.pop((*where, message.offset()), None)
+            self._consecutive_failures = 0
+            return False
+        since = self._failing_since.setdefault((*where, message.offset()), time.monotonic())
+        event, error = failure
+        if (
+            event is not None
+            and time.monotonic() - since >= self.max_retry_seconds
+            and self._give_up(consumer, message, event, error)
+        ):
+            self._retry_from.pop(where, None)
+            self._failing_since.pop((*where, message.offset()), None)
             self._consecutive_failures = 0
             return False
         self._retry_from[where] = message.offset()
@@ -197,8 +220,35 @@ class ConsumerLoop:
             log.warning("%s: seek back failed (%s)", self.name, type(exc).__name__)
         return True
 
-    def _process(self, consumer: Any, message: Any) -> bool:
-        """Handle one message; True when its offset may be stored."""
+    def _give_up(self, consumer: Any, message: Any, event: Event, error: str) -> bool:
+        """Dead-letter a message that kept failing; True when its offset was stored."""
+        reason = f"handler failed for {self.max_retry_seconds:.0f} s: {error}"
+        try:
+            self._dead_letter(message, reason=reason)
+        except Exception as exc:
+            log.warning("%s: dead-lettering a failing message failed (%s)", self.name, exc)
+            return False
+        if self.give_up is not None:
+            try:
+                self.give_up(event, error)
+            except Exception as exc:  # recorded by the dead letter anyway
+                log.warning("%s: give_up failed (%s)", self.name, type(exc).__name__)
+        consumer.store_offsets(message=message)
+        self.dead_lettered += 1
+        metrics.CONSUMED.labels(self.group_id, "dead_lettered").inc()
+        log.error(
+            "%s: %s of export %s still failing after %.0f s; moved to %s",
+            self.name,
+            type(event).__name__,
+            event.export_id,
+            self.max_retry_seconds,
+            TOPIC_DEAD_LETTER,
+        )
+        return True
+
+    def _process(self, consumer: Any, message: Any) -> tuple[Event | None, str] | None:
+        """Handle one message; None when its offset was stored, else (the event if it
+        decoded, the error's type name)."""
         try:
             event = decode(message.value())
         except UndecodableEvent as exc:
@@ -213,7 +263,7 @@ class ConsumerLoop:
                     message.offset(),
                     type(dl_exc).__name__,
                 )
-                return False
+                return None, type(dl_exc).__name__
             consumer.store_offsets(message=message)
             self.dead_lettered += 1
             metrics.CONSUMED.labels(self.group_id, "dead_lettered").inc()
@@ -225,7 +275,7 @@ class ConsumerLoop:
                 message.offset(),
                 TOPIC_DEAD_LETTER,
             )
-            return True
+            return None
         try:
             self.handle(event)
         except Exception as exc:
@@ -237,11 +287,11 @@ class ConsumerLoop:
                 event.export_id,
                 type(exc).__name__,
             )
-            return False
+            return event, type(exc).__name__
         consumer.store_offsets(message=message)
         self.handled += 1
         metrics.CONSUMED.labels(self.group_id, "handled").inc()
-        return True
+        return None
 
     def _dead_letter(self, message: Any, *, reason: str) -> None:
         """Copy ``message`` to the dead-letter topic and wait until the broker has it."""
@@ -274,6 +324,7 @@ class ConsumerLoop:
     def _forget_partitions(self, consumer: Any, partitions: list[Any]) -> None:
         for partition in partitions:
             self._retry_from.pop((partition.topic, partition.partition), None)
+        self._failing_since.clear()
 
     def _close(self, consumer: Any) -> None:
         try:

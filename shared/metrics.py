@@ -36,7 +36,8 @@ WAIT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 JOB_DURATION = Histogram(
     "orders_export_job_duration_seconds",
-    "Duration of one background run of an export, by outcome (ready, failed, retry, canceled).",
+    "Duration of one background run of an export, by outcome (ready, failed, retry, canceled, "
+    "handed_back).",
     ["outcome"],
     buckets=DURATION_BUCKETS,
 )

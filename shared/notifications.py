@@ -12,15 +12,21 @@ is still NULL, setting ``sent_at`` before committing. A row is finished when eit
 
 - ``sent_at`` is set (sent), or
 - ``sent_at`` is NULL and ``last_error`` starts with ``"skipped: "`` (deliberately not sent, e.g.
-  the requester is no longer an active admin of the account, or the mail server permanently
-  refused the recipient). Such rows are never retried.
+  the requester is no longer an active admin of the account), or
+- ``sent_at`` is NULL and ``last_error`` starts with ``"failed: "`` (permanently undeliverable:
+  a 5xx reply to RCPT, MAIL or DATA, an address the server cannot take without SMTPUTF8, a
+  message that could not be composed, or transient failures for longer than
+  CONSUMER_MAX_RETRY_SECONDS). Counted once as ``outcome="failed"``; never retried.
 
-Any other row with ``sent_at`` NULL has ``attempts`` failed deliveries behind it and is retried
-when the event comes again (the consumer loop redelivers it with backoff).
+Any other row with ``sent_at`` NULL has ``attempts`` transient failures behind it (connection
+errors, 4xx replies) and is retried when the event comes again (the consumer loop redelivers it
+with backoff, for at most CONSUMER_MAX_RETRY_SECONDS, then dead-letters it and calls
+:meth:`Notifier.give_up`).
 
-Remaining at-least-once window: if the process dies (or the database commit fails) after the
-SMTP server accepted the message but before the transaction setting ``sent_at`` committed, the
-redelivered event sends the email a second time. The deterministic ``Message-ID`` lets mail
+Once the server answered 250 to DATA the email is sent: a failing QUIT (or its reply lost)
+afterwards is logged, not retried. Remaining at-least-once window: if the process dies (or the
+database commit fails) after that 250 but before the transaction setting ``sent_at`` committed,
+the redelivered event sends the email a second time. The deterministic ``Message-ID`` lets mail
 clients and servers recognize that duplicate.
 """
 
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import email.policy
 import logging
 import smtplib
 import ssl
@@ -81,6 +88,12 @@ DEFAULT_SMTPS_PORT = 465
 LAST_ERROR_MAX_CHARS = 200
 #: ``last_error`` prefix of a notification that is deliberately never sent.
 SKIPPED_PREFIX = "skipped: "
+#: ``last_error`` prefix of a notification that can never be delivered (given up for good).
+FAILED_PREFIX = "failed: "
+#: Longest user-controlled text in an email (characters): filter summary, names. RFC 5322
+#: allows 998 octets per line; with these caps every line stays far below that.
+MAX_SUMMARY_CHARS = 200
+MAX_NAME_CHARS = 100
 #: Domain of Message-IDs when SMTP_FROM has none.
 FALLBACK_MESSAGE_ID_DOMAIN = "orders-export.invalid"
 #: Size units of :func:`human_size` (powers of 1000, as in "12.3 MB").
@@ -168,7 +181,7 @@ def send_message(
         client = smtplib.SMTP_SSL(target.host, target.port, timeout=timeout, context=context)
     else:
         client = smtplib.SMTP(target.host, target.port, timeout=timeout)
-    with client:
+    try:
         if target.starttls:
             client.starttls(context=context)
         if target.username:
@@ -181,6 +194,21 @@ def send_message(
             else:
                 _to_quoted_printable(message)
         client.send_message(message, mail_options=options)
+    finally:
+        _quit_quietly(client)
+
+
+def _quit_quietly(client: smtplib.SMTP) -> None:
+    """QUIT and close. Once ``send_message`` returned, the server has the email: a failing
+    QUIT (an error reply, a lost reply, a dropped connection) must not make it a failure."""
+    try:
+        client.quit()
+    except (OSError, smtplib.SMTPException) as exc:
+        log.info(
+            "notifier: QUIT failed (%s); the message was already handed over", type(exc).__name__
+        )
+    finally:
+        client.close()
 
 
 def _has_8bit_parts(message: EmailMessage) -> bool:
@@ -229,13 +257,27 @@ def _header_safe(text: str) -> str:
     return "".join(ch if ch.isprintable() else " " for ch in text).strip()
 
 
-def _permanently_refused(exc: Exception) -> int | None:
-    """The SMTP code when the server refused every recipient for good (5xx), else None."""
-    if isinstance(exc, smtplib.SMTPRecipientsRefused) and exc.recipients:
+def _capped(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def permanent_reason(exc: Exception) -> str | None:
+    """A safe reason when retrying ``exc`` cannot help (a 5xx reply, no SMTPUTF8), else None
+    (connection errors, 4xx replies and authentication problems are transient)."""
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
         codes = [code for code, _ in exc.recipients.values()]
-        if all(code >= 500 for code in codes):
-            return codes[0]
-    return None
+        if codes and all(code >= 500 for code in codes):
+            return f"the mail server refused the recipient ({codes[0]})"
+        return None
+    if isinstance(exc, smtplib.SMTPNotSupportedError):
+        return "the mail server cannot take this address (it does not support SMTPUTF8)"
+    if isinstance(exc, smtplib.SMTPAuthenticationError):
+        return None  # our configuration: every email fails alike, the bound applies
+    if isinstance(exc, smtplib.SMTPResponseException) and 500 <= exc.smtp_code < 600:
+        return f"the mail server refused the message ({exc.smtp_code})"
+    if isinstance(exc, OSError | smtplib.SMTPException):
+        return None
+    return f"the email could not be sent ({type(exc).__name__})"
 
 
 def _utcnow() -> dt.datetime:
@@ -288,19 +330,23 @@ class Notifier:
             topics=[TOPIC_LIFECYCLE],
             handle=self.handle,
             name="notifier",
+            give_up=self.give_up,
         )
 
     def handle(self, event: Event) -> None:
         """Send the email ``event`` calls for, unless already sent or skipped.
 
         Raises :class:`NotificationFailed` when the SMTP server could not be reached or
-        refused for now (after recording the attempt), so that the event is retried.
+        refused for now (after recording the attempt), so that the event is retried. A
+        permanent failure is recorded as final and counted ``failed``; it does not raise.
         """
         if isinstance(event, ExportReady):
             if not event.notify:  # made inside the request: the user already has the file
                 return
             kind, expected = KIND_READY, ExportState.READY
         elif isinstance(event, ExportFailed) and event.final:
+            if not event.notify:  # made inside the request: the response told the user
+                return
             kind, expected = KIND_FAILED, ExportState.FAILED
         else:
             return
@@ -315,8 +361,7 @@ class Notifier:
             if facts is None:
                 return
             failure = self._notify(session, facts, kind=kind, event_id=event.event_id)
-        if failure is not None:
-            self._count(kind, "failed")
+        if failure is not None:  # transient: the consumer loop retries (bounded), see give_up
             raise NotificationFailed(failure)
 
     def _load(self, session: Session, export_id: uuid.UUID, expected: ExportState) -> _Facts | None:
@@ -351,7 +396,9 @@ class Notifier:
             .with_for_update()
             .execution_options(populate_existing=True)
         ).one()
-        if row.sent_at is not None or (row.last_error or "").startswith(SKIPPED_PREFIX):
+        if row.sent_at is not None or (row.last_error or "").startswith(
+            (SKIPPED_PREFIX, FAILED_PREFIX)
+        ):
             self._count(kind, "duplicate")
             log.info("notifier: %s email for export %s already handled", kind, job.id)
             return None
@@ -361,17 +408,22 @@ class Notifier:
             self._count(kind, "skipped")
             log.info("notifier: %s email for export %s skipped: %s", kind, job.id, skip_reason)
             return None
-        message = self.compose(facts, kind=kind)
         row.recipient = user.email
         try:
+            message = self.compose(facts, kind=kind)
+        except Exception as exc:  # a bug or odd data: retrying cannot help
+            log.exception("notifier: %s email for export %s could not be composed", kind, job.id)
+            self._fail_for_good(
+                row, kind, f"the email could not be composed ({type(exc).__name__})"
+            )
+            return None
+        try:
             send_message(self.smtp, message)
-        except (OSError, smtplib.SMTPException) as exc:
+        except Exception as exc:
             row.attempts += 1
-            refused = _permanently_refused(exc)
-            if refused is not None:
-                row.last_error = SKIPPED_PREFIX + f"mail server refused the recipient ({refused})"
-                self._count(kind, "skipped")
-                log.warning("notifier: %s email for export %s refused", kind, job.id)
+            permanent = permanent_reason(exc)
+            if permanent is not None:
+                self._fail_for_good(row, kind, permanent)
                 return None
             code = getattr(exc, "smtp_code", None)
             row.last_error = _short(
@@ -393,6 +445,40 @@ class Notifier:
         log.info("notifier: %s email for export %s sent", kind, job.id)
         return None
 
+    def _fail_for_good(self, row: Notification, kind: str, reason: str) -> None:
+        row.last_error = _short(FAILED_PREFIX + reason)
+        self._count(kind, "failed")
+        log.warning(
+            "notifier: %s email for export %s undeliverable: %s", kind, row.export_id, reason
+        )
+
+    def give_up(self, event: Event, reason: str) -> None:
+        """The consumer loop stops retrying ``event`` (CONSUMER_MAX_RETRY_SECONDS passed): its
+        notification is failed for good (counted once as ``outcome="failed"``)."""
+        if isinstance(event, ExportReady):
+            kind = KIND_READY
+        elif isinstance(event, ExportFailed):
+            kind = KIND_FAILED
+        else:
+            return
+        try:
+            export_id = uuid.UUID(event.export_id)
+        except ValueError:
+            return
+        with transaction(self.sessions) as session:
+            row = session.scalars(
+                select(Notification)
+                .where(Notification.export_id == export_id, Notification.kind == kind)
+                .with_for_update()
+            ).one_or_none()
+            if row is None or row.sent_at is not None:
+                return
+            if (row.last_error or "").startswith((SKIPPED_PREFIX, FAILED_PREFIX)):
+                return
+            self._fail_for_good(
+                row, kind, f"gave up after {row.attempts} attempts ({_short(reason)})"
+            )
+
     def _skip_reason(self, session: Session, facts: _Facts, *, kind: str) -> str | None:
         """Why this email must not go out at all, or None."""
         job, account, user = facts.job, facts.account, facts.user
@@ -411,10 +497,12 @@ class Notifier:
         """The email for ``kind`` (plain text)."""
         job, account, user = facts.job, facts.account, facts.user
         try:
-            summary = from_snapshot(job.filters).summary()
+            summary = _capped(from_snapshot(job.filters).summary(), MAX_SUMMARY_CHARS)
         except OrdersExportError:  # a snapshot from an older format: still send the email
             summary = "(see the export's page)"
-        greeting = f"Hello {_header_safe(user.display_name) or user.email},"
+        display_name = _capped(_header_safe(user.display_name), MAX_NAME_CHARS)
+        account_name = _capped(_header_safe(account.name), MAX_NAME_CHARS)
+        greeting = f"Hello {display_name or user.email},"
         if kind == KIND_READY:
             rows = job.row_count or 0
             noun = "row" if rows == 1 else "rows"
@@ -432,7 +520,7 @@ class Notifier:
             lines = [
                 greeting,
                 "",
-                f"Your orders export of {account.name} ({account.slug}) is ready.",
+                f"Your orders export of {account_name} ({account.slug}) is ready.",
                 "",
                 f"Filters:   {summary}",
                 f"Options:   {options_text(job_options(job)) or 'none'}",
@@ -458,7 +546,7 @@ class Notifier:
             lines = [
                 greeting,
                 "",
-                f"Your orders export of {account.name} ({account.slug}) failed.",
+                f"Your orders export of {account_name} ({account.slug}) failed.",
                 "",
                 f"Filters:   {summary}",
                 f"Reason:    {reason}",
@@ -467,15 +555,19 @@ class Notifier:
                 "",
                 f"{self.public_url}/exports/{job.id}",
             ]
-        message = EmailMessage()
+        # An internationalized address needs raw UTF-8 headers (RFC 6531, SMTPUTF8).
+        message = EmailMessage(policy=email.policy.SMTPUTF8 if not user.email.isascii() else None)
         message["From"] = self.settings.smtp_from
-        message["To"] = formataddr((_header_safe(user.display_name), user.email))
+        if user.email.isascii():
+            message["To"] = formataddr((display_name, user.email))
+        else:  # internationalized: the bare address; smtplib then needs the server's SMTPUTF8
+            message["To"] = user.email  # (SMTPNotSupportedError without it: permanent)
         message["Subject"] = subject
         message["Date"] = format_datetime(self.clock())
         message["Message-ID"] = f"<orders-export.{job.id}.{kind}@{self.message_id_domain}>"
         message["Auto-Submitted"] = "auto-generated"
         text = "\n".join(lines) + "\n"
         # Unencoded bodies keep the link on one line in the stored message (quoted-printable
-        # would wrap it); lines stay far below SMTP's 998-character limit.
+        # would wrap it); user-controlled text is capped, so lines stay far below 998 octets.
         message.set_content(text, cte="7bit" if text.isascii() else "8bit")
         return message

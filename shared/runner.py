@@ -18,7 +18,9 @@ import uuid
 from dataclasses import dataclass
 
 import psycopg
+from dramatiq.middleware import Shutdown, TimeLimitExceeded
 from psycopg import errors as pg_errors
+from sqlalchemy import exc as sa_errors
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -26,7 +28,7 @@ from shared import jobs, metrics, outbox
 from shared.csvfile import CopyStream, CsvFile, ExportQuery, Throttled
 from shared.db import libpq_url, transaction
 from shared.errors import StorageError, TooManyRows
-from shared.events import ExportFailed, ExportReady, ExportStarted
+from shared.events import ExportFailed, ExportReady, ExportRequested, ExportStarted
 from shared.filters import from_snapshot
 from shared.flags import FlagCache
 from shared.models import Account, ErrorClass, ExportJob, ExportState
@@ -51,10 +53,20 @@ class Outcome(enum.Enum):
     BUSY = "busy"  # another export of the account is running; try again shortly
     PAUSED = "paused"  # workers_paused is on
     SKIPPED = "skipped"  # not queued any more (done, canceled, or claimed by someone else)
+    HANDED_BACK = "handed_back"  # the worker is stopping: back to queued, the attempt not counted
+    DRAINING = "draining"  # the worker is stopping: not claimed; send the work again
 
 
 #: Outcomes of a run that got as far as a claim (label values of the duration histogram).
-RUN_OUTCOMES = (Outcome.READY, Outcome.FAILED, Outcome.RETRY, Outcome.CANCELED)
+RUN_OUTCOMES = (
+    Outcome.READY,
+    Outcome.FAILED,
+    Outcome.RETRY,
+    Outcome.CANCELED,
+    Outcome.HANDED_BACK,
+)
+#: History detail of a job handed back by a stopping worker.
+HANDED_BACK_DETAIL = "shutdown"
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,13 @@ class SafeError:
 
 def classify(exc: BaseException, *, canceled_by_us: bool) -> SafeError:
     """Turn an exception into a safe, classified error (never SQL, traces or secrets)."""
+    if isinstance(exc, TimeLimitExceeded):
+        return SafeError(
+            "time_limit",
+            "The export took longer than allowed. Narrow the filters (for example a shorter "
+            "date range) and try again.",
+            ErrorClass.USER,
+        )
     if isinstance(exc, TooManyRows):
         return SafeError("too_many_rows", exc.message, ErrorClass.USER)
     if isinstance(exc, pg_errors.QueryCanceled) and not canceled_by_us:
@@ -88,7 +107,9 @@ def classify(exc: BaseException, *, canceled_by_us: bool) -> SafeError:
             "date range) and try again.",
             ErrorClass.USER,
         )
-    if isinstance(exc, psycopg.OperationalError):
+    if isinstance(exc, psycopg.OperationalError | sa_errors.OperationalError) or (
+        isinstance(exc, sa_errors.DBAPIError) and exc.connection_invalidated
+    ):
         return SafeError(
             "database_unavailable",
             "The database connection was interrupted. The export will be retried.",
@@ -115,7 +136,13 @@ def new_worker_id() -> str:
 
 
 class Heartbeat(threading.Thread):
-    """Renews the lease and writes progress; cancels the COPY when the job is taken away."""
+    """Renews the lease while the export makes progress and writes progress; cancels the COPY
+    when the job is taken away or the worker is stopping.
+
+    The lease follows real progress, not just a live thread: it is renewed to ``lease_seconds``
+    after the last time rows moved (or a phase began), so an attempt stuck on a socket (a
+    database host that vanished silently) lets its lease lapse and housekeeping requeues the job.
+    """
 
     def __init__(
         self,
@@ -125,6 +152,7 @@ class Heartbeat(threading.Thread):
         worker_id: str,
         lease_seconds: int,
         query: ExportQuery,
+        hand_back: threading.Event,
     ) -> None:
         super().__init__(name=f"heartbeat-{job.id}", daemon=True)
         self._sessions = sessions
@@ -132,19 +160,39 @@ class Heartbeat(threading.Thread):
         self._worker_id = worker_id
         self._lease_seconds = lease_seconds
         self._query = query
+        self._hand_back = hand_back
         self._stop_event = threading.Event()
+        self._progress = (-1, -1)
+        self._progress_at = time.monotonic()
         self.rows_estimate: int | None = None
         self.lost = False
+        self.handing_back = False
+
+    def _idle_seconds(self) -> float:
+        """Seconds since rows last moved (or the estimate arrived)."""
+        progress = (self._query.rows_written, -1 if self.rows_estimate is None else 0)
+        now = time.monotonic()
+        if progress != self._progress:
+            self._progress, self._progress_at = progress, now
+        return now - self._progress_at
 
     def run(self) -> None:
         while not self._stop_event.wait(HEARTBEAT_SECONDS):
+            if self._hand_back.is_set():
+                log.info("export %s: the worker is stopping; handing it back", self._job_id)
+                self.handing_back = True
+                self._query.cancel()
+                return
+            remaining = self._lease_seconds - self._idle_seconds()
+            if remaining <= 0:
+                continue  # no progress for a whole lease: let it lapse (housekeeping requeues)
             try:
                 with transaction(self._sessions) as session:
                     ours = jobs.heartbeat(
                         session,
                         self._job_id,
                         worker_id=self._worker_id,
-                        lease_seconds=self._lease_seconds,
+                        lease_seconds=remaining,
                         rows_written=self._query.rows_written,
                         rows_estimate=self.rows_estimate,
                     )
@@ -161,7 +209,16 @@ class Heartbeat(threading.Thread):
 
     def stop(self) -> None:
         self._stop_event.set()
-        self.join()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join()
+
+
+class _Lost(Exception):
+    """The job was canceled or rescued while this attempt ran."""
+
+
+class _HandBack(Exception):
+    """The worker is stopping and the grace period is over."""
 
 
 class ExportRunner:
@@ -180,10 +237,28 @@ class ExportRunner:
         self._storage = storage
         self._flags = flags
         self._export_database_url = libpq_url(settings.export_database_url or settings.database_url)
+        #: Set on SIGTERM: nothing new is claimed.
+        self._draining = threading.Event()
+        #: Set when the shutdown grace is over: running exports are handed back to the queue.
+        self._hand_back = threading.Event()
         metrics.declare(metrics.JOB_DURATION, *((outcome.value,) for outcome in RUN_OUTCOMES))
 
+    def drain(self, *, grace_seconds: float) -> threading.Timer:
+        """Stop claiming now; hand running exports back after ``grace_seconds``."""
+        self._draining.set()
+        timer = threading.Timer(grace_seconds, self._hand_back.set)
+        timer.daemon = True
+        timer.start()
+        return timer
+
     def run(self, export_id: uuid.UUID, *, inline: bool = False) -> Result:
-        """One attempt at the export. ``inline`` exports skip the queue rules and the email."""
+        """One attempt at the export. ``inline`` exports skip the queue rules and the email.
+
+        Every exit path (any exception, Dramatiq's ``TimeLimitExceeded`` and ``Shutdown``,
+        interpreter exit) stops the heartbeat and records a classified outcome.
+        """
+        if not inline and self._draining.is_set():
+            return Result(Outcome.DRAINING)  # not claimed: the actor sends the work again
         if not inline and self._flags.get("workers_paused"):
             return Result(Outcome.PAUSED)
         worker_id = new_worker_id()
@@ -205,18 +280,45 @@ class ExportRunner:
                 ExportStarted(export_id=str(job.id), account=account.slug, attempt=job.attempts),
             )
         if inline:  # made inside a request: no queue, and not a worker's run
-            return self._generate(job, account, worker_id=worker_id, inline=inline)
+            return self._attempt(job, account, worker_id=worker_id, inline=inline)
         if queued_since is not None and job.heartbeat_at is not None:  # both PostgreSQL's clock
             metrics.QUEUE_WAIT.observe(max(0.0, (job.heartbeat_at - queued_since).total_seconds()))
         started = time.monotonic()
-        result = self._generate(job, account, worker_id=worker_id, inline=inline)
+        result = self._attempt(job, account, worker_id=worker_id, inline=inline)
         metrics.JOB_DURATION.labels(result.outcome.value).observe(time.monotonic() - started)
         return result
 
-    def _generate(
-        self, job: ExportJob, account: Account, *, worker_id: str, inline: bool
-    ) -> Result:
+    def _attempt(self, job: ExportJob, account: Account, *, worker_id: str, inline: bool) -> Result:
+        """Generate, then finish; whatever happens, end with a recorded outcome."""
         key = new_object_key(account_id=account.id, export_id=str(job.id))
+        reraise: BaseException | None = None
+        try:
+            try:
+                csv_file = self._generate(job, account, worker_id=worker_id, key=key)
+            except _Lost:
+                self._discard(key)
+                return Result(Outcome.CANCELED)
+            except (_HandBack, Shutdown) as exc:
+                return self._give_back(job, account, worker_id=worker_id, key=key, cause=exc)
+            except (KeyboardInterrupt, SystemExit) as exc:  # the interpreter is exiting
+                reraise = exc
+                return self._give_back(job, account, worker_id=worker_id, key=key, cause=exc)
+            except BaseException as exc:
+                return self._fail(job, account, exc, worker_id=worker_id, key=key, inline=inline)
+            try:
+                return self._finish(
+                    job, account, csv_file, worker_id=worker_id, key=key, notify=not inline
+                )
+            except BaseException as exc:
+                if isinstance(exc, KeyboardInterrupt | SystemExit):
+                    reraise = exc
+                return self._fail(job, account, exc, worker_id=worker_id, key=key, inline=inline)
+        finally:
+            if reraise is not None:
+                raise reraise
+
+    def _generate(self, job: ExportJob, account: Account, *, worker_id: str, key: str) -> CsvFile:
+        """Connect, estimate and COPY into storage (raises on any failure)."""
         filters = from_snapshot(job.filters)
         limit = self._settings.export_max_rows
         with ExportQuery(
@@ -229,6 +331,7 @@ class ExportRunner:
                 worker_id=worker_id,
                 lease_seconds=self._settings.export_lease_seconds,
                 query=query,
+                hand_back=self._hand_back,
             )
             heartbeat.start()
             try:
@@ -248,17 +351,18 @@ class ExportRunner:
                         f"The export would have more than {limit:,} rows. "
                         "Narrow the filters and try again."
                     )
-            except Exception as exc:
+            except BaseException as exc:
                 heartbeat.stop()
-                if heartbeat.lost or query.canceled:
-                    self._discard(key)
-                    return Result(Outcome.CANCELED)
-                return self._fail(job, account, exc, worker_id=worker_id, key=key)
-            heartbeat.stop()
-        if heartbeat.lost:
-            self._discard(key)
-            return Result(Outcome.CANCELED)
-        return self._finish(job, account, csv_file, worker_id=worker_id, key=key, notify=not inline)
+                if heartbeat.lost:
+                    raise _Lost from exc
+                if heartbeat.handing_back:
+                    raise _HandBack from exc
+                raise
+            finally:
+                heartbeat.stop()
+            if heartbeat.lost:
+                raise _Lost
+            return csv_file
 
     def _discard(self, key: str) -> None:
         """Best-effort removal of a file that must not stay (a failed put leaves none anyway;
@@ -331,59 +435,135 @@ class ExportRunner:
         metrics.BYTES.inc(csv_file.size_bytes)
         return Result(Outcome.READY)
 
+    def _ready_with(self, job_id: uuid.UUID, key: str) -> bool:
+        """Whether the job is ready with ``key`` (a commit whose reply was lost did happen)."""
+        try:
+            with self._sessions() as session:
+                stored = session.scalar(
+                    select(ExportJob.storage_key).where(
+                        ExportJob.id == job_id, ExportJob.state == ExportState.READY
+                    )
+                )
+        except Exception:
+            return True  # cannot tell: keep the file (the lifecycle rule removes strays)
+        return stored == key
+
     def _fail(
-        self, job: ExportJob, account: Account, exc: Exception, *, worker_id: str, key: str
+        self,
+        job: ExportJob,
+        account: Account,
+        exc: BaseException,
+        *,
+        worker_id: str,
+        key: str,
+        inline: bool,
     ) -> Result:
+        """Record a failed attempt: back to the queue (with backoff) while attempts remain and
+        the error is retryable, else failed for good. The attempt's file, if any, is deleted
+        once the database says it is not the job's file. Counters move only after the commit."""
         error = classify(exc, canceled_by_us=False)
         if error.error_class is ErrorClass.ENGINEERING:
-            log.exception("export %s failed unexpectedly", job.id)
+            log.error("export %s failed unexpectedly", job.id, exc_info=exc)
         else:
             log.warning("export %s failed: %s (%s)", job.id, error.code, type(exc).__name__)
-        self._discard(key)
         retry = error.error_class is ErrorClass.RETRYABLE and job.attempts < job.max_attempts
         actor = f"worker:{worker_id}"
-        with transaction(self._sessions) as session:
-            # Back to the queue while attempts remain, otherwise failed for good.
-            target = ExportState.QUEUED if retry else ExportState.FAILED
-            extra = (
-                {"worker_id": None, "enqueued_at": func.now()}
-                if retry
-                else {"finished_at": func.now()}
-            )
-            moved = jobs.transition(
-                session,
+        try:
+            with transaction(self._sessions) as session:
+                # Back to the queue while attempts remain, otherwise failed for good.
+                target = ExportState.QUEUED if retry else ExportState.FAILED
+                extra = (
+                    {"worker_id": None, "enqueued_at": func.now()}
+                    if retry
+                    else {"finished_at": func.now()}
+                )
+                moved = jobs.transition(
+                    session,
+                    job.id,
+                    to=target,
+                    expected=[ExportState.RUNNING],
+                    actor=actor,
+                    detail=error.code,
+                    where=[ExportJob.worker_id == worker_id],
+                    error_code=error.code,
+                    error_message=error.message_for(final=not retry),
+                    error_class=error.error_class,
+                    lease_expires_at=None,
+                    **extra,
+                )
+                if moved is not None:
+                    outbox.add(
+                        session,
+                        ExportFailed(
+                            export_id=str(job.id),
+                            account=account.slug,
+                            requested_by=job.requested_by,
+                            code=error.code,
+                            message=error.message_for(final=not retry),
+                            retryable=error.error_class is ErrorClass.RETRYABLE,
+                            final=not retry,
+                            notify=not inline,
+                        ),
+                    )
+        except Exception as record_exc:
+            # The primary is away too: the lease lapses and housekeeping requeues the job.
+            log.warning(
+                "export %s: failure not recorded (%s); left to housekeeping",
                 job.id,
-                to=target,
-                expected=[ExportState.RUNNING],
-                actor=actor,
-                detail=error.code,
-                where=[ExportJob.worker_id == worker_id],
-                error_code=error.code,
-                error_message=error.message_for(final=not retry),
-                error_class=error.error_class,
-                lease_expires_at=None,
-                **extra,
+                type(record_exc).__name__,
             )
-            if moved is None:
+            if not self._ready_with(job.id, key):
+                self._discard(key)
+            return Result(Outcome.RETRY, delay_seconds=self._backoff(job))
+        if moved is None:
+            if not self._ready_with(job.id, key):
+                self._discard(key)
                 return Result(Outcome.CANCELED)
-            outbox.add(
-                session,
-                ExportFailed(
-                    export_id=str(job.id),
-                    account=account.slug,
-                    requested_by=job.requested_by,
-                    code=error.code,
-                    message=error.message_for(final=not retry),
-                    retryable=error.error_class is ErrorClass.RETRYABLE,
-                    final=not retry,
-                ),
-            )
+            return Result(Outcome.READY)  # _finish had committed; only its reply was lost
+        self._discard(key)
         metrics.FAILURES.labels(error.code).inc()
         if retry:
             metrics.RETRIES.inc()
-            delay = self._settings.export_retry_backoff_seconds * 2 ** (job.attempts - 1)
-            return Result(Outcome.RETRY, delay_seconds=delay)
+            return Result(Outcome.RETRY, delay_seconds=self._backoff(job))
         return Result(Outcome.FAILED)
+
+    def _backoff(self, job: ExportJob) -> float:
+        return float(self._settings.export_retry_backoff_seconds * 2 ** (job.attempts - 1))
+
+    def _give_back(
+        self, job: ExportJob, account: Account, *, worker_id: str, key: str, cause: BaseException
+    ) -> Result:
+        """running -> queued without using up the attempt (the worker is stopping); the
+        ``ExportRequested`` in the same transaction gets the job a new work message."""
+        log.info("export %s: handed back to the queue (%s)", job.id, type(cause).__name__)
+        try:
+            with transaction(self._sessions) as session:
+                moved = jobs.transition(
+                    session,
+                    job.id,
+                    to=ExportState.QUEUED,
+                    expected=[ExportState.RUNNING],
+                    actor=f"worker:{worker_id}",
+                    detail=HANDED_BACK_DETAIL,
+                    where=[ExportJob.worker_id == worker_id, ExportJob.attempts > 0],
+                    attempts=ExportJob.attempts - 1,
+                    worker_id=None,
+                    lease_expires_at=None,
+                    enqueued_at=func.now(),
+                )
+                if moved is not None:
+                    outbox.add(
+                        session, ExportRequested(export_id=str(job.id), account=account.slug)
+                    )
+        except Exception as exc:
+            log.warning(
+                "export %s: hand-back not recorded (%s); left to housekeeping",
+                job.id,
+                type(exc).__name__,
+            )
+            moved = None
+        self._discard(key)
+        return Result(Outcome.HANDED_BACK if moved is not None else Outcome.CANCELED)
 
 
 def file_name(account_slug: str, created_at: dt.datetime, compression: str = "none") -> str:

@@ -20,6 +20,12 @@ DEFAULT_MAX_ROWS = 10_000_000
 DEFAULT_FILE_TTL_SECONDS = 7 * 24 * 3600
 #: Lifetime of a signed download link (seconds, 7 days).
 DEFAULT_LINK_TTL_SECONDS = 7 * 24 * 3600
+#: Longest one export statement may run (seconds, 30 minutes).
+DEFAULT_STATEMENT_TIMEOUT_SECONDS = 1800
+#: Upper bound of EXPORT_STATEMENT_TIMEOUT_SECONDS (seconds, 4 hours).
+MAX_STATEMENT_TIMEOUT_SECONDS = 4 * 3600
+#: Upper bound of WORKER_SHUTDOWN_GRACE_SECONDS (seconds): leaves time to hand exports back.
+MAX_SHUTDOWN_GRACE_SECONDS = 20
 #: Queued + running exports one user may have at once.
 DEFAULT_MAX_ACTIVE_PER_USER = 5
 
@@ -50,8 +56,17 @@ class Settings(BaseSettings):
     export_retry_backoff_seconds: float = Field(5.0, ge=0)
     #: A running job whose worker has not renewed its lease for this long is rescued (seconds).
     export_lease_seconds: int = Field(30, ge=3)
-    #: Longest a single export query may run before it fails as user-fixable (seconds).
-    export_statement_timeout_seconds: int = Field(1800, ge=1)
+    #: Longest a single export query may run before it fails as user-fixable (seconds). Bounded
+    #: (4 hours): the actor's time limit is derived from it, so the database timeout fires first.
+    export_statement_timeout_seconds: int = Field(
+        DEFAULT_STATEMENT_TIMEOUT_SECONDS, ge=1, le=MAX_STATEMENT_TIMEOUT_SECONDS
+    )
+    #: On SIGTERM, how long running exports may go on before they are handed back to the queue
+    #: (seconds; the whole stop must fit docker-compose's ``stop_grace_period`` of 30 s).
+    worker_shutdown_grace_seconds: int = Field(15, ge=0, le=MAX_SHUTDOWN_GRACE_SECONDS)
+    #: Longest a Kafka consumer retries one failing message before it is dead-lettered (seconds):
+    #: no single message holds up its partition for longer.
+    consumer_max_retry_seconds: int = Field(600, ge=1, le=86_400)
     #: Threads of the worker pool that serves the ``exports`` queue.
     export_worker_threads: int = Field(2, ge=1, le=32)
     #: A queued job whose work message is older than this is sent again (seconds).

@@ -36,7 +36,7 @@ from shared.models import (
     OutboxMessage,
     User,
 )
-from shared.notifications import SKIPPED_PREFIX
+from shared.notifications import FAILED_PREFIX, SKIPPED_PREFIX
 from shared.settings import Settings
 
 #: Where the runbook lives, relative to the repository (sections are its alert headings).
@@ -286,6 +286,8 @@ def _email_status(row: Notification) -> str:
         return "sent"
     if (row.last_error or "").startswith(SKIPPED_PREFIX):
         return "skipped"
+    if (row.last_error or "").startswith(FAILED_PREFIX):
+        return "failed"  # given up for good: a permanent refusal, or past the retry bound
     return "pending"
 
 
@@ -478,15 +480,20 @@ def stats(session: Session, *, settings: Settings, since: dt.timedelta) -> dict[
         .order_by(ExportJob.error_code)
     ).all()
     skipped = Notification.last_error.startswith(SKIPPED_PREFIX)
+    given_up = Notification.last_error.startswith(FAILED_PREFIX)
+    final = skipped | given_up
     pending = session.scalar(
-        select(func.count()).where(Notification.sent_at.is_(None), ~skipped)
-    )  # fmt: skip
+        select(func.count()).where(Notification.sent_at.is_(None), ~func.coalesce(final, False))
+    )
+    given_up_count = session.scalar(
+        select(func.count()).where(Notification.created_at >= start, given_up)
+    )
     sent = session.scalar(select(func.count()).where(Notification.sent_at >= start))
     skipped_count = session.scalar(
         select(func.count()).where(Notification.created_at >= start, skipped)
     )
     # Delivery attempts that failed: every attempt but the one that got through (or was refused).
-    done = Notification.sent_at.is_not(None) | (skipped & (Notification.attempts > 0))
+    done = Notification.sent_at.is_not(None) | (final & (Notification.attempts > 0))
     failed_deliveries = session.scalar(
         select(func.sum(Notification.attempts - case((done, 1), else_=0))).where(
             Notification.created_at >= start
@@ -514,5 +521,6 @@ def stats(session: Session, *, settings: Settings, since: dt.timedelta) -> dict[
             "failed_deliveries": int(failed_deliveries or 0),
             "sent": int(sent or 0),
             "skipped": int(skipped_count or 0),
+            "failed": int(given_up_count or 0),
         },
     }

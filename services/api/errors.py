@@ -26,6 +26,7 @@ STATUS_BY_ERROR: dict[type[errors.OrdersExportError], int] = {
     errors.ExportsDisabled: 503,
     errors.Overloaded: 503,
     errors.StorageError: 503,
+    errors.InlineExportFailed: 503,
     errors.ConfigurationError: 500,
 }
 

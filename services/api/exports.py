@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -26,6 +27,7 @@ from shared.db import transaction
 from shared.errors import (
     BadSignature,
     FileExpired,
+    InlineExportFailed,
     LinkExpired,
     OrdersExportError,
     Unauthenticated,
@@ -34,7 +36,9 @@ from shared.errors import (
 from shared.models import Account, ExportJob
 from shared.runner import ExportRunner, Outcome
 from shared.signing import SigningKeys
-from shared.storage import Storage, storage_from_url
+from shared.storage import Storage, lifecycle_days, storage_from_url
+
+log = logging.getLogger(__name__)
 
 #: Responses that carry signed download links are never stored by caches.
 NO_STORE = {"Cache-Control": "no-store"}
@@ -48,7 +52,9 @@ def storage_of(app: Starlette) -> Storage:
         if getattr(app.state, "storage", None) is None:
             settings = app.state.settings
             storage = storage_from_url(
-                settings.require("storage_url"), part_size_mib=settings.storage_part_size_mib
+                settings.require("storage_url"),
+                part_size_mib=settings.storage_part_size_mib,
+                expire_days=lifecycle_days(settings.export_file_ttl_seconds),
             )
             storage.prepare()
             app.state.storage = storage
@@ -132,19 +138,38 @@ def create(
             job_id, account = requested.job.id, session.get_one(Account, requested.job.account_id)
         if requested.disposition == "existing":
             return Created(requested.job, account, caller, 200)
-        status = 202
-        if requested.inline:
-            result = runner_of(app).run(job_id, inline=True)
-            if result.outcome is Outcome.RETRY:  # e.g. storage blip: let the workers finish it
-                with transaction(app.state.sessions) as retry_session:
-                    job = retry_session.get_one(ExportJob, job_id)
-                    exports.queue_in_background(
-                        retry_session, job, account=account, actor=f"user:{caller.user.id}"
-                    )
-            else:
-                status = 201
+        status = _run_inline(app, job_id, account, caller) if requested.inline else 202
         job = session.get_one(ExportJob, job_id, populate_existing=True)
         return Created(job, account, caller, status)
+
+
+def _run_inline(app: Starlette, job_id: Any, account: Account, caller: Caller) -> int:
+    """Make a small export now: 201 ready, 202 handed to the workers after a transient failure;
+    a final failure (or the database going away meanwhile) is a clean 503 JSON error."""
+    try:
+        result = runner_of(app).run(job_id, inline=True)
+        if result.outcome is Outcome.RETRY:  # e.g. storage blip: let the workers finish it
+            with transaction(app.state.sessions) as retry_session:
+                job = retry_session.get_one(ExportJob, job_id)
+                exports.queue_in_background(
+                    retry_session, job, account=account, actor=f"user:{caller.user.id}"
+                )
+            return 202
+        if result.outcome is not Outcome.FAILED:
+            return 201
+        with app.state.sessions() as session:
+            failed = session.get_one(ExportJob, job_id)
+            reason, message = failed.error_code, failed.error_message
+    except OrdersExportError:
+        raise
+    except Exception as exc:  # the database (or storage) went away in the middle
+        log.warning("inline export %s: %s", job_id, type(exc).__name__)
+        reason, message = "unavailable", None
+    raise InlineExportFailed(
+        message or "The export could not be made right now. Please try again in a few minutes.",
+        export_id=str(job_id),
+        reason=reason,
+    )
 
 
 def _create(

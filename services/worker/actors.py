@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -17,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared import jobs
 from shared.db import transaction
 from shared.runner import ExportRunner, Outcome
-from shared.settings import Settings
+from shared.settings import DEFAULT_STATEMENT_TIMEOUT_SECONDS, Settings
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,8 @@ GENERATE_CSV = "exports.generate_csv"
 BUSY_DELAY_MS = 2_000
 #: Wait before looking again while workers are paused (milliseconds).
 PAUSED_DELAY_MS = 5_000
-#: Longest one export may run before Dramatiq interrupts it (milliseconds, 4 hours).
-TIME_LIMIT_MS = 4 * 3600 * 1000
+#: Margin of the actor's time limit over the export's two statements (seconds).
+TIME_LIMIT_MARGIN_SECONDS = 300
 #: Tries at sending a job's next work message while Redis is away, and the first pause between
 #: them (seconds, doubling: 0.5 + 1 + 2); after that, housekeeping sends it again.
 RESEND_ATTEMPTS = 4
@@ -59,6 +60,16 @@ def add_prometheus_middleware(broker: RedisBroker, *, multiproc_dir: str) -> Non
     broker.add_middleware(Prometheus())
 
 
+def time_limit_ms(statement_timeout_seconds: int) -> int:
+    """Dramatiq's time limit of one export run, derived from EXPORT_STATEMENT_TIMEOUT_SECONDS.
+
+    One run is two statements (the estimate, then the COPY, each bounded by the statement
+    timeout) plus the commit: twice the timeout and a margin, so the database's own timeout
+    (a clean, user-fixable ``query_timeout``) always fires first. The limit stays a backstop.
+    """
+    return (2 * statement_timeout_seconds + TIME_LIMIT_MARGIN_SECONDS) * 1000
+
+
 @dataclass(frozen=True)
 class Actors:
     """The declared actors, for senders (Kafka bridge, maintenance) and the worker."""
@@ -68,9 +79,31 @@ class Actors:
     def send_generate(self, export_id: str, *, delay_ms: int | None = None) -> None:
         self.generate_csv.send_with_options(args=(export_id,), delay=delay_ms)
 
+    def waiting_export_ids(self) -> set[str]:
+        """Export ids with a work message in the exports queue: waiting in Redis, or fetched
+        by a worker's consumer and not yet acknowledged (Dramatiq keeps each message in the
+        queue's ``.msgs`` hash until then). Delayed messages are left out: a consumer that lost
+        its Redis connection drops those from memory (docs/reliability.md, known limits)."""
+        broker = self.generate_csv.broker
+        client = broker.client  # type: ignore[attr-defined]
+        namespace = broker.namespace  # type: ignore[attr-defined]
+        found: set[str] = set()
+        for raw in client.hvals(f"{namespace}:{EXPORTS_QUEUE}.msgs"):
+            try:
+                args = json.loads(raw).get("args") or []
+            except (ValueError, AttributeError):
+                continue
+            if args and isinstance(args[0], str):
+                found.add(args[0])
+        return found
+
 
 def declare_actors(
-    broker: RedisBroker, *, runner: ExportRunner | None, sessions: sessionmaker[Session]
+    broker: RedisBroker,
+    *,
+    runner: ExportRunner | None,
+    sessions: sessionmaker[Session],
+    statement_timeout_seconds: int = DEFAULT_STATEMENT_TIMEOUT_SECONDS,
 ) -> Actors:
     """Declare the actors on ``broker``; ``runner`` may be None in processes that only send."""
 
@@ -82,6 +115,7 @@ def declare_actors(
             Outcome.RETRY: int(result.delay_seconds * 1000),
             Outcome.BUSY: BUSY_DELAY_MS,
             Outcome.PAUSED: PAUSED_DELAY_MS,
+            Outcome.DRAINING: 0,  # this worker is stopping: another one takes it
         }.get(result.outcome)
         log.info("export %s: %s", export_id, result.outcome.value)
         if delay_ms is not None:
@@ -95,7 +129,7 @@ def declare_actors(
         queue_name=EXPORTS_QUEUE,
         broker=broker,
         max_retries=0,  # retries are decided by ExportRunner (classified errors, attempts in PG)
-        time_limit=TIME_LIMIT_MS,
+        time_limit=time_limit_ms(statement_timeout_seconds),
     )(generate_csv)
     actors = Actors(generate_csv=actor)
     return actors

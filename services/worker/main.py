@@ -27,12 +27,16 @@ from shared.flags import FlagCache
 from shared.notifications import CONSUMER_GROUP as NOTIFIER_GROUP
 from shared.runner import ExportRunner
 from shared.settings import load_settings
-from shared.storage import storage_from_url
+from shared.storage import lifecycle_days, storage_from_url
 
 log = logging.getLogger("orders_export.worker")
 
-#: How long a stopping worker waits for running exports before leaving them to the rescuer (ms).
-SHUTDOWN_TIMEOUT_MS = 20_000
+#: After WORKER_SHUTDOWN_GRACE_SECONDS, how long handing running exports back may take (s):
+#: the heartbeat notices within a second, cancels the COPY and records ``queued``.
+HAND_BACK_SECONDS = 5
+#: How long the stop waits for the Kafka bridge, housekeeping and the backlog monitor (s each;
+#: they were told to stop at the signal, so they are done by then).
+THREAD_JOIN_SECONDS = 2
 #: How long an idle Dramatiq consumer blocks on Redis before looking again (ms).
 CONSUMER_WAIT_MS = 50
 
@@ -42,7 +46,9 @@ def main() -> int:
     try:
         settings = load_settings()
         storage = storage_from_url(
-            settings.require("storage_url"), part_size_mib=settings.storage_part_size_mib
+            settings.require("storage_url"),
+            part_size_mib=settings.storage_part_size_mib,
+            expire_days=lifecycle_days(settings.export_file_ttl_seconds),
         )
         settings.require("redis_url")
         settings.require("kafka_bootstrap_servers")
@@ -60,7 +66,12 @@ def main() -> int:
         add_prometheus_middleware(broker, multiproc_dir=settings.prometheus_multiproc_dir)
     else:
         log.info("worker: no PROMETHEUS_MULTIPROC_DIR, so no Dramatiq metrics (in-process mode)")
-    actors = declare_actors(broker, runner=runner, sessions=sessions)
+    actors = declare_actors(
+        broker,
+        runner=runner,
+        sessions=sessions,
+        statement_timeout_seconds=settings.export_statement_timeout_seconds,
+    )
     broker.emit_after("process_boot")  # as the dramatiq command line does in a worker process
     # This process owns the backlog gauges (jobs per state, queue depth, outbox, consumer lag).
     monitor = BacklogMonitor(
@@ -100,9 +111,15 @@ def main() -> int:
         thread.start()
     log.info("worker: started (%d export threads)", settings.export_worker_threads)
     stop.wait()
+    # Stop claiming at once; running exports get the grace, then go back to the queue with their
+    # attempt refunded. Whole stop: grace (<= 20 s) + hand-back + joins, within compose's 30 s.
+    grace = settings.worker_shutdown_grace_seconds
+    log.info("worker: stopping; running exports get %d s, then are handed back", grace)
+    hand_back = runner.drain(grace_seconds=grace)
+    worker.stop(timeout=(grace + HAND_BACK_SECONDS) * 1000)
+    hand_back.cancel()
     for thread in threads:
-        thread.join(timeout=15)
-    worker.stop(timeout=SHUTDOWN_TIMEOUT_MS)
+        thread.join(timeout=THREAD_JOIN_SECONDS)
     if metrics_server is not None:
         metrics_server.stop()
     broker.close()

@@ -1,5 +1,9 @@
 """Periodic housekeeping: rescue jobs of dead workers, expire old files, resend lost work, prune
-what unauthenticated requests leave behind."""
+what unauthenticated requests leave behind.
+
+The four steps are independent: each runs in a thread of its own with its own error handling,
+so a slow or failing step (storage unreachable: ~9 s per delete; Redis down) never holds up the
+others, and no storage call happens inside a transaction that holds row locks."""
 
 from __future__ import annotations
 
@@ -7,7 +11,9 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
+from redis.exceptions import RedisError
 from sqlalchemy import func
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -16,7 +22,7 @@ from shared import jobs, metrics, outbox, retention
 from shared.db import transaction
 from shared.errors import StorageError
 from shared.events import ExportExpired, ExportFailed
-from shared.models import Account, ErrorClass, ExportState
+from shared.models import Account, ErrorClass, ExportJob, ExportState
 from shared.settings import Settings
 from shared.storage import Storage
 
@@ -47,29 +53,57 @@ class Maintenance:
         self._actors = actors
         self._pruned_at: float | None = None
 
+    def _steps(self) -> dict[str, Callable[[], int]]:
+        return {
+            "rescue": self.rescue,
+            "expire": self.expire,
+            "resend": self.resend,
+            "prune": self.prune,
+        }
+
     def run(self, stop: threading.Event) -> None:
+        """Each step in its own thread, every INTERVAL_SECONDS, until ``stop`` is set."""
+        threads = [
+            threading.Thread(
+                target=self._repeat,
+                args=(name, step, stop),
+                name=f"maintenance-{name}",
+                daemon=True,
+            )
+            for name, step in self._steps().items()
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def _repeat(self, name: str, step: Callable[[], int], stop: threading.Event) -> None:
         while not stop.wait(INTERVAL_SECONDS):
-            try:
-                self.round()
-            except Exception:  # keep housekeeping alive through database or storage blips
-                log.exception("maintenance round failed; next round in %ss", INTERVAL_SECONDS)
+            self._guarded(name, step)
+
+    @staticmethod
+    def _guarded(name: str, step: Callable[[], int]) -> None:
+        try:
+            step()
+        except Exception:  # keep housekeeping alive through database, storage or Redis blips
+            log.exception("maintenance: %s failed; trying again in %ss", name, INTERVAL_SECONDS)
 
     def round(self) -> None:
-        self.rescue()
-        self.expire()
-        self.resend()
-        self.prune()
+        """One pass of every step (tests, and a manual run); a failing step stops no other."""
+        for name, step in self._steps().items():
+            self._guarded(name, step)
 
-    def prune(self) -> None:
-        """Retention (shared/retention.py), at most once per PRUNE_INTERVAL_SECONDS."""
+    def prune(self) -> int:
+        """Retention (shared/retention.py), once per PRUNE_INTERVAL_SECONDS at most; rows gone."""
         now = time.monotonic()
         if self._pruned_at is not None and now - self._pruned_at < PRUNE_INTERVAL_SECONDS:
-            return
+            return 0
         self._pruned_at = now
         with transaction(self._sessions) as session:
             pruned = retention.prune(session, self._settings)
         if any(vars(pruned).values()):
             log.info("pruned %s", pruned)
+        return sum(vars(pruned).values())
 
     def rescue(self) -> int:
         """Running jobs whose lease expired go back to the queue, or fail when out of attempts."""
@@ -111,38 +145,55 @@ class Maintenance:
             metrics.RETRIES.inc(len(requeue))
         for export_id in requeue:
             log.warning("export %s: worker lost, back in the queue", export_id)
-            self._actors.send_generate(str(export_id))
+            try:
+                self._actors.send_generate(str(export_id))
+            except RedisError as exc:  # queued in PostgreSQL: resend() sends it later
+                log.warning("export %s: work not sent (%s)", export_id, type(exc).__name__)
         return len(requeue)
 
     def expire(self) -> int:
-        """Delete files past their expiry and mark their exports expired."""
-        expired = 0
+        """Delete files past their expiry and mark their exports expired.
+
+        The rows are only read under lock (SKIP LOCKED, released at once); each object is
+        deleted outside any transaction, then its job moves ready -> expired conditionally. A
+        file is deleted only once it is past its expiry, so losing that race to another
+        housekeeper or a user's delete is harmless.
+        """
         with transaction(self._sessions) as session:
-            for job in jobs.past_expiry(session):
-                if job.storage_key:
-                    try:
-                        self._storage.delete(job.storage_key)
-                    except StorageError:
-                        log.warning("export %s: file delete failed; will try again", job.id)
-                        continue
+            due = [(job.id, job.storage_key) for job in jobs.past_expiry(session)]
+        expired = 0
+        for export_id, key in due:
+            if key:
+                try:
+                    self._storage.delete(key)
+                except StorageError:
+                    log.warning("export %s: file delete failed; will try again", export_id)
+                    continue
+            with transaction(self._sessions) as session:
                 moved = jobs.transition(
-                    session, job.id, to=ExportState.EXPIRED, expected=[ExportState.READY],
-                    actor="system:expiry", storage_key=None,
+                    session, export_id, to=ExportState.EXPIRED, expected=[ExportState.READY],
+                    actor="system:expiry", where=[ExportJob.expires_at < func.now()],
+                    storage_key=None,
                 )  # fmt: skip
                 if moved is not None:
-                    account = session.get_one(Account, job.account_id)
-                    outbox.add(session, ExportExpired(export_id=str(job.id), account=account.slug))
+                    account = session.get_one(Account, moved.account_id)
+                    outbox.add(
+                        session, ExportExpired(export_id=str(export_id), account=account.slug)
+                    )
                     expired += 1
         return expired
 
     def resend(self) -> int:
         """Queued jobs whose message was lost (e.g. Redis restarted without it) are sent again."""
+        # Jobs whose message is still in Redis (waiting for a free worker thread, or held by a
+        # worker's consumer for one) are not lost: sending them again would only pile up work.
+        waiting = self._actors.waiting_export_ids()
         with transaction(self._sessions) as session:
             stale = jobs.stale_queued(
                 session, older_than_seconds=self._settings.export_requeue_after_seconds
             )
-            jobs.mark_enqueued(session, [job.id for job in stale])
-            ids = [str(job.id) for job in stale]
+            ids = [str(job.id) for job in stale if str(job.id) not in waiting]
+            jobs.mark_enqueued(session, [uuid.UUID(export_id) for export_id in ids])
         for export_id in ids:
             log.warning(
                 "export %s: queued for long without a worker message; sending again", export_id

@@ -115,6 +115,13 @@ def new_object_key(*, account_id: int, export_id: str) -> str:
     return check_key(f"accounts/{account_id}/exports/{export_id}/{token}.csv")
 
 
+def lifecycle_days(file_ttl_seconds: int) -> int:
+    """Days after which the bucket's lifecycle rule deletes objects: EXPORT_FILE_TTL_SECONDS
+    rounded up to whole days, plus one day, so the rule never deletes a file before housekeeping
+    expires it, and sweeps up whatever an outage left behind (a failed attempt's object)."""
+    return -(-file_ttl_seconds // 86_400) + 1
+
+
 def storage_from_url(
     url: str,
     *,

@@ -592,7 +592,8 @@ def assert_ready_once(
 ) -> Ready:
     """The final state of an export that must end ready, once, whatever happened on the way.
 
-    Call after :func:`settle`. Checks: state ready with no error; ``attempts`` claims, each one a
+    Call after :func:`settle`. Checks: state ready with no error; ``attempts`` claims (plus one
+    per hand-back of a stopping worker, which refunds its attempt), each one a
     ``queued -> running`` in the history, exactly one ``-> ready`` and one ExportReady event;
     exactly one stored object, the job's, no other upload left unless ``leftover_uploads``
     (a worker killed mid-upload cannot abort its own); exactly one email, whose signed link
@@ -603,10 +604,13 @@ def assert_ready_once(
     assert export["error"] is None
     assert export["attempts"] == attempts, export
     steps = history(stack, export_id)
-    assert [h[1] for h in steps].count("running") == attempts, steps
+    # A stopping worker's hand-back (detail "shutdown") refunds the attempt of its claim
+    handed_back = sum(1 for h in steps if h[1] == "queued" and h[3] == "shutdown")
+    claims = attempts + handed_back
+    assert [h[1] for h in steps].count("running") == claims, steps
     assert [h[1] for h in steps].count("ready") == 1, steps
     assert len(events(stack, export_id, "ExportReady")) == 1
-    assert len(events(stack, export_id, "ExportStarted")) == attempts
+    assert len(events(stack, export_id, "ExportStarted")) == claims
     (storage_key,) = stack.sql("SELECT storage_key FROM export_jobs WHERE id = %s", export_id)[0]
     assert objects_of(stack, export_id) == [storage_key]
     uploads = uploads_of(stack, export_id)

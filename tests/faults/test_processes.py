@@ -10,7 +10,8 @@ import time
 import httpx2
 import pytest
 
-from services.worker.main import SHUTDOWN_TIMEOUT_MS
+from services.worker.main import HAND_BACK_SECONDS
+from shared.settings import Settings
 from tests.e2e.harness import LiveStack, body_text
 from tests.faults.support import (
     abort_incomplete_upload_days,
@@ -72,14 +73,15 @@ def test_worker_stopped_with_sigterm_finishes_or_hands_back_its_export(
     # Given an export that is running (~7 MB, about four seconds of streaming)
     export_id = request_export(api, {"sort": "-total"})
     wait_running(api, export_id)
-    # When the worker is asked to stop (a deploy): Dramatiq waits for running actors up to
-    # SHUTDOWN_TIMEOUT_MS, so the export either finishes or is left to the rescuer
+    # When the worker is asked to stop (a deploy): running exports get the shutdown grace, so
+    # the export either finishes or is handed back (or, SIGKILLed by the harness, rescued)
     worker = stack.services["worker"]
     ((signaled_at,),) = stack.sql("SELECT clock_timestamp()")
     started = time.monotonic()
     stack.kill_service("worker", signal.SIGTERM)
     assert worker.exit_code == 0  # a clean exit, not a crash
-    assert time.monotonic() - started < SHUTDOWN_TIMEOUT_MS / 1000 + 20
+    grace = Settings.model_fields["worker_shutdown_grace_seconds"].default
+    assert time.monotonic() - started < grace + HAND_BACK_SECONDS + 20
     state_at_exit = export_of(api, export_id)["state"]
     assert state_at_exit in ("ready", "running", "queued")
     stack.start_service("worker")
@@ -87,7 +89,9 @@ def test_worker_stopped_with_sigterm_finishes_or_hands_back_its_export(
     settle(stack)
     # Then, either way, one file with the right rows and one email
     finished_in_shutdown = state_at_exit == "ready"
-    ready = assert_ready_once(stack, api, export_id, attempts=1 if finished_in_shutdown else 2)
+    handed_back = any(h[1] == "queued" and h[3] == "shutdown" for h in history(stack, export_id))
+    attempts = 1 if finished_in_shutdown or handed_back else 2  # a hand-back refunds its attempt
+    ready = assert_ready_once(stack, api, export_id, attempts=attempts)
     samples = metrics(stack, "worker")
     runs_after_restart = metric(samples, "orders_export_job_duration_seconds_count")
     if finished_in_shutdown:
@@ -98,6 +102,9 @@ def test_worker_stopped_with_sigterm_finishes_or_hands_back_its_export(
         )
         assert finished_at > signaled_at  # it was still running when the signal came
         assert runs_after_restart == 0  # nothing ran it a second time
+    elif handed_back:
+        assert [h[1] for h in ready.history] == ["queued", "running", "queued", "running", "ready"]
+        assert runs_after_restart == 1
     else:
         assert ("running", "queued", "system:rescuer", "lease_expired") in ready.history
         assert runs_after_restart == 1
