@@ -22,6 +22,7 @@ from sqlalchemy import ClauseElement, select
 from sqlalchemy.dialects import postgresql
 
 from shared.columns import COLUMNS
+from shared.export_options import COMPRESSIONS
 from shared.filters import OrderFilters
 from shared.models import Account, Order
 from shared.report import count_select, filter_conditions, report_select
@@ -32,8 +33,6 @@ UTF8_BOM = b"\xef\xbb\xbf"
 READ_SIZE = 1024 * 1024
 #: zlib level of ``options.compression = "gzip"`` (gzip's own default: 6).
 GZIP_LEVEL = 6
-#: Values of ``options.compression``.
-COMPRESSIONS = ("none", "gzip")
 
 
 @dataclass(frozen=True)

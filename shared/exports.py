@@ -31,6 +31,7 @@ from shared.errors import (
     ValidationError,
 )
 from shared.events import ExportCanceled, ExportExpired, ExportRequested
+from shared.export_options import COMPRESSIONS, DEFAULT_OPTIONS, job_options
 from shared.filters import OrderFilters, parse_filter_object
 from shared.flags import FlagCache
 from shared.models import Account, ExportJob, ExportState, Notification, Role, User
@@ -48,10 +49,6 @@ MAX_IDEMPOTENCY_KEY = 200
 COUNT_BUDGET = 100_000
 #: Who the pages say deleted a file when no user of the account did (the support CLI).
 SUPPORT_NAME = "support"
-#: Options an export request may carry, with their defaults (a value's type is its default's).
-DEFAULT_OPTIONS: dict[str, Any] = {"utf8_bom": False, "compression": "none"}
-#: The values ``options.compression`` accepts.
-COMPRESSIONS = ("none", "gzip")
 
 
 @dataclass(frozen=True)
@@ -68,25 +65,6 @@ class Requested:
 def filters_digest(filters: OrderFilters) -> str:
     canonical = json.dumps(filters.to_snapshot(), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-#: How the pages and the email name the options an export used.
-OPTION_LABELS = {"utf8_bom": "Excel-friendly (UTF-8 BOM)", "gzip": "Compressed (.csv.gz)"}
-
-
-def options_text(options: dict[str, Any]) -> str:
-    """``Excel-friendly (UTF-8 BOM), Compressed (.csv.gz)``; "" for an export without options."""
-    words = []
-    if options.get("utf8_bom"):
-        words.append(OPTION_LABELS["utf8_bom"])
-    if options.get("compression") == "gzip":
-        words.append(OPTION_LABELS["gzip"])
-    return ", ".join(words)
-
-
-def job_options(job: ExportJob) -> dict[str, Any]:
-    """The ``options`` an export was requested with (``<Export>.options``)."""
-    return {"utf8_bom": job.utf8_bom, "compression": job.compression or "none"}
 
 
 def request_digest(filters: OrderFilters, options: dict[str, Any]) -> str:

@@ -54,7 +54,7 @@ from shared import metrics
 from shared.db import transaction
 from shared.errors import ConfigurationError, OrdersExportError
 from shared.events import TOPIC_LIFECYCLE, Event, ExportFailed, ExportReady
-from shared.exports import job_options, options_text
+from shared.export_options import job_options, options_text
 from shared.filters import from_snapshot
 from shared.kafka import ConsumerLoop
 from shared.models import (

@@ -20,7 +20,7 @@ from starlette.responses import Response
 from services.api.auth import Caller, csrf_token, identify
 from services.api.clients import public_origin
 from services.api.errors import status_for
-from shared import downloads, exports, support
+from shared import downloads, export_options, exports, support
 from shared.errors import NotFound, OrdersExportError, Unauthenticated
 from shared.filters import DEFAULT_SORT, SORT_LABELS, OrderFilters, from_snapshot
 from shared.models import Account, ExportJob, Role
@@ -191,7 +191,7 @@ class ExportUi:
 
     def options(self, export: dict[str, Any]) -> str:
         """The options the export used, in words ("" when none)."""
-        return exports.options_text(export.get("options") or {})
+        return export_options.options_text(export.get("options") or {})
 
     def deleted(self, export: dict[str, Any]) -> str:
         """``deleted by <name> at <time>`` when an admin deleted the file ("" otherwise)."""
@@ -232,7 +232,7 @@ class ExportUi:
             "requested": {str(k): v for k, v in REQUESTED.items()},
             "messages": MESSAGES,
             "disabled": DISABLED,
-            "option_labels": exports.OPTION_LABELS,
+            "option_labels": export_options.OPTION_LABELS,
             "delete_warning": DELETE_WARNING,
             **self.extra,
         }

@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, Response
 
 from shared.columns import COLUMNS
 from shared.downloads import AUDIT_LIST_SIZE, Outcome
-from shared.exports import COMPRESSIONS
+from shared.export_options import COMPRESSIONS
 from shared.filters import MAX_Q_LENGTH, SORTS
 from shared.models import ORDER_CHANNELS, ORDER_STATUSES, ExportState
 from shared.report import MAX_PAGE_SIZE
