@@ -15,6 +15,7 @@ import httpx2
 import pytest
 from playwright.sync_api import Dialog, Page, expect
 
+from tests.browser.test_export_ui import guarded
 from tests.e2e.harness import LiveStack
 
 pytestmark = pytest.mark.browser
@@ -22,8 +23,6 @@ pytestmark = pytest.mark.browser
 #: Orders of the demo account; the exports below select a few hundred to a few thousand.
 ORDERS = 5_000
 ADMIN = ("admin@acme.test", "admin-password")
-#: CSV columns that hold text (the formula guard applies to them only).
-TEXT_COLUMNS = {0, 2, 3, 4, 5, 11}
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +62,6 @@ def report_rows(api: httpx2.Client, filters: dict[str, Any]) -> list[list[str]]:
         cursor = body["next_cursor"]
         if cursor is None:
             return rows
-
-
-def guarded(row: list[str]) -> list[str]:
-    return [
-        "'" + v if i in TEXT_COLUMNS and v[:1] in ("=", "+", "-", "@", "\t", "\r") else v
-        for i, v in enumerate(row)
-    ]
 
 
 def test_both_options_give_a_gzipped_excel_friendly_file_of_the_report(

@@ -5,6 +5,7 @@ parameters answered with the contract's 4xx (never a 5xx), also under property t
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,7 +120,9 @@ def test_a_lying_or_missing_content_length_is_caught_while_reading(
         "client": ("127.0.0.1", 1234),
         "server": ("127.0.0.1", 80),
     }
-    anyio.run(app, scope, receive, send)
+    # A thread of its own: the browser tests' Playwright may own this thread's event loop.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(anyio.run, app, scope, receive, send).result()
     start = next(m for m in sent if m["type"] == "http.response.start")
     assert start["status"] == 413
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")

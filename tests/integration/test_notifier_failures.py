@@ -27,11 +27,11 @@ from shared.db import transaction
 from shared.devstack.kafka_broker import KafkaBroker
 from shared.devstack.ports import free_port
 from shared.events import TOPIC_DEAD_LETTER, TOPIC_LIFECYCLE, ExportReady
-from shared.filters import OrderFilters
+from shared.filters import MAX_Q_LENGTH, OrderFilters
 from shared.identity import ensure_account, set_membership, upsert_user
 from shared.kafka import ConsumerLoop
-from shared.models import ExportState, Notification, Role
-from shared.notifications import FAILED_PREFIX, Notifier
+from shared.models import ORDER_CHANNELS, ORDER_STATUSES, ExportState, Notification, Role
+from shared.notifications import FAILED_PREFIX, MAX_SUMMARY_CHARS, Notifier
 from shared.settings import Settings
 from tests.integration.exportdata import make_job
 
@@ -325,14 +325,23 @@ def test_a_failed_quit_after_the_message_was_accepted_is_not_a_failure(
 def test_user_controlled_text_cannot_break_the_line_limit(
     settings: Settings, sessions: sessionmaker[Session], smtp: Controller, recorder: Recorder
 ) -> None:
-    # Given a filter whose summary is 3,000+ characters, and a long name and account name
-    long_total = Decimal("0." + "0" * 3000 + "1")
+    # Given a filter whose summary is as long as the filter rules allow (every status and
+    # channel, a 200-character search of 3-octet characters, both totals), and a long name and
+    # account name
+    longest = OrderFilters(
+        status=ORDER_STATUSES,
+        channel=ORDER_CHANNELS,
+        q="€" * MAX_Q_LENGTH,
+        min_total=Decimal("1234567890.12"),
+        max_total=Decimal("9999999999.99"),
+    )
+    assert len(longest.summary()) > MAX_SUMMARY_CHARS
     event = ready_export(
         sessions,
         f"long-{uuid.uuid4().hex[:6]}@example.test",
         display_name="Ada " * 800,
         account_name="Acme " * 800,
-        filters=OrderFilters(min_total=long_total),
+        filters=longest,
     )
     notifier = Notifier(
         settings=settings.model_copy(update={"smtp_url": smtp_url(smtp), "public_url": PUBLIC_URL}),
