@@ -7,6 +7,7 @@ stream to storage in large reads. Memory stays constant whatever the row count.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg_pool import ConnectionPool
 from sqlalchemy import ClauseElement, select
 from sqlalchemy.dialects import postgresql
 
@@ -209,20 +211,51 @@ KEEPALIVES: dict[str, Any] = {
 }
 
 
+def inline_pool(database_url: str, *, size: int) -> ConnectionPool[psycopg.Connection[Any]]:
+    """The API's pool of export connections for small exports made inside requests (opened
+    now, closed with the app): no new connection per request, and never more than ``size``."""
+    return ConnectionPool(
+        database_url,
+        min_size=1,
+        max_size=size,
+        kwargs={
+            "autocommit": False,
+            "application_name": "orders-export-inline",
+            "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+            **KEEPALIVES,
+        },
+        name="inline-exports",
+        open=True,
+    )
+
+
 class ExportQuery:
     """A read-only, snapshot-consistent connection that counts then copies the export's rows.
 
     ``cancel()`` may be called from another thread to stop a running COPY within moments.
     """
 
-    def __init__(self, *, database_url: str, statement_timeout_seconds: int) -> None:
-        self._conn = psycopg.connect(
-            database_url,
-            autocommit=False,
-            application_name="orders-export-worker",
-            connect_timeout=CONNECT_TIMEOUT_SECONDS,
-            **KEEPALIVES,
-        )
+    def __init__(
+        self,
+        *,
+        database_url: str,
+        statement_timeout_seconds: int,
+        pool: ConnectionPool[psycopg.Connection[Any]] | None = None,
+    ) -> None:
+        #: With ``pool`` (exports made inside API requests) the connection is borrowed and given
+        #: back; without it (the workers: one long COPY each) it is opened for this export.
+        self._pool = pool
+        self._conn: psycopg.Connection[Any]
+        if pool is not None:
+            self._conn = pool.getconn(timeout=CONNECT_TIMEOUT_SECONDS)
+        else:
+            self._conn = psycopg.connect(
+                database_url,
+                autocommit=False,
+                application_name="orders-export-worker",
+                connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                **KEEPALIVES,
+            )
         self._timeout_ms = statement_timeout_seconds * 1000
         self._lock = threading.Lock()
         self._stream: CopyStream | None = None
@@ -244,8 +277,14 @@ class ExportQuery:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        # Read-only work: closing discards it. A connection the server killed is just closed.
-        self._conn.close()
+        # Read-only work: closing (or rolling back) discards it. A connection the server killed
+        # is just closed; the pool drops a broken one instead of lending it again.
+        if self._pool is None:
+            self._conn.close()
+            return
+        with contextlib.suppress(psycopg.Error):  # broken: putconn sees it and discards it
+            self._conn.rollback()
+        self._pool.putconn(self._conn)
 
     def estimate(self, account: Account, filters: OrderFilters, *, exact_up_to: int) -> int:
         """The row count for progress: exact when small (a bounded count), else the planner's

@@ -16,10 +16,12 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 from dramatiq.middleware import Shutdown, TimeLimitExceeded
 from psycopg import errors as pg_errors
+from psycopg_pool import ConnectionPool
 from sqlalchemy import exc as sa_errors
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -231,8 +233,11 @@ class ExportRunner:
         sessions: sessionmaker[Session],
         storage: Storage,
         flags: FlagCache,
+        inline_pool: ConnectionPool[psycopg.Connection[Any]] | None = None,
     ) -> None:
         self._settings = settings
+        #: Export connections of inline exports (the API's); workers connect per export.
+        self._inline_pool = inline_pool
         self._sessions = sessions
         self._storage = storage
         self._flags = flags
@@ -294,7 +299,7 @@ class ExportRunner:
         reraise: BaseException | None = None
         try:
             try:
-                csv_file = self._generate(job, account, worker_id=worker_id, key=key)
+                csv_file = self._generate(job, account, worker_id=worker_id, key=key, inline=inline)
             except _Lost:
                 self._discard(key)
                 return Result(Outcome.CANCELED)
@@ -317,13 +322,21 @@ class ExportRunner:
             if reraise is not None:
                 raise reraise
 
-    def _generate(self, job: ExportJob, account: Account, *, worker_id: str, key: str) -> CsvFile:
+    def close(self) -> None:
+        """Close the inline exports' connection pool, if any (the API at shutdown)."""
+        if self._inline_pool is not None:
+            self._inline_pool.close()
+
+    def _generate(
+        self, job: ExportJob, account: Account, *, worker_id: str, key: str, inline: bool
+    ) -> CsvFile:
         """Connect, estimate and COPY into storage (raises on any failure)."""
         filters = from_snapshot(job.filters)
         limit = self._settings.export_max_rows
         with ExportQuery(
             database_url=self._export_database_url,
             statement_timeout_seconds=self._settings.export_statement_timeout_seconds,
+            pool=self._inline_pool if inline else None,
         ) as query:
             heartbeat = Heartbeat(
                 sessions=self._sessions,

@@ -58,6 +58,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         yield
         if metrics_port is not None:
             metrics_port.stop()
+        runner = getattr(app.state, "runner", None)
+        if runner is not None:
+            runner.close()
         engine.dispose()
 
     routes = [

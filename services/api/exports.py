@@ -23,7 +23,8 @@ from services.api.auth import Caller, authenticated, login_redirect, require_cal
 from services.api.clients import client_address, public_origin
 from services.api.errors import error_body, wants_html
 from shared import downloads, exports
-from shared.db import transaction
+from shared.csvfile import inline_pool
+from shared.db import libpq_url, transaction
 from shared.errors import (
     BadSignature,
     FileExpired,
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 
 #: Responses that carry signed download links are never stored by caches.
 NO_STORE = {"Cache-Control": "no-store"}
+#: Export connections the API keeps for small exports made inside requests (the per-user
+#: EXPORT_MAX_INLINE_PER_MINUTE limit bounds how many users can keep them busy).
+INLINE_POOL_SIZE = 4
 #: Guards the lazy construction below (the report alone needs no storage).
 _build_lock = threading.RLock()
 
@@ -65,11 +69,16 @@ def runner_of(app: Starlette) -> ExportRunner:
     """The app's export runner (small exports are made inside the request), built on first use."""
     with _build_lock:
         if getattr(app.state, "runner", None) is None:
+            settings = app.state.settings
             app.state.runner = ExportRunner(
-                settings=app.state.settings,
+                settings=settings,
                 sessions=app.state.sessions,
                 storage=storage_of(app),
                 flags=app.state.flags,
+                inline_pool=inline_pool(
+                    libpq_url(settings.export_database_url or settings.database_url),
+                    size=INLINE_POOL_SIZE,
+                ),
             )
         return app.state.runner  # type: ignore[no-any-return]
 

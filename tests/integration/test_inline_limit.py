@@ -11,11 +11,12 @@ from pathlib import Path
 
 import httpx2
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.testclient import TestClient
 
 from services.api.app import create_app
+from services.api.exports import INLINE_POOL_SIZE
 from shared.db import transaction
 from shared.identity import create_token, ensure_account, find_user, set_membership, upsert_user
 from shared.models import ExportJob, Role
@@ -32,7 +33,7 @@ def tokens(sessions: sessionmaker[Session]) -> dict[str, str]:
         account = ensure_account(session, slug="inline")
         seed_orders(session, account, orders=40, seed=3)
         made = {}
-        for who in ("burst", "steady", "other"):
+        for who in ("burst", "steady", "other", "pooled"):
             user = upsert_user(session, email=f"{who}@inline.test", password="long-enough-pw")
             set_membership(session, account=account, user=user, role=Role.ADMIN)
             made[who] = create_token(session, user)
@@ -102,3 +103,34 @@ def test_identical_requests_one_after_another_or_at_once_run_at_most_the_limit(
         burst = Counter(pool.map(one, range(8)))
     assert burst == {429: 8}, burst
     assert jobs_of(sessions, "burst@inline.test") == LIMIT
+
+
+def _inline_backends(sessions: sessionmaker[Session]) -> set[int]:
+    """PostgreSQL backends that hold an export connection of the API (inline exports)."""
+    with sessions() as session:
+        return set(
+            session.scalars(
+                text(
+                    "SELECT pid FROM pg_stat_activity"
+                    " WHERE application_name = 'orders-export-inline'"
+                    " AND datname = current_database()"
+                )
+            )
+        )
+
+
+def test_inline_exports_run_on_pooled_connections(
+    client: TestClient, tokens: dict[str, str], sessions: sessionmaker[Session]
+) -> None:
+    # Given the API made one small export inside its request
+    assert post(client, tokens["pooled"], "pool-0").status_code == 201
+    first = _inline_backends(sessions)
+    # Then the export connection stays open in the API's pool, not closed after the request
+    assert first, "no pooled export connection left open"
+    assert len(first) <= INLINE_POOL_SIZE
+    # When it makes more
+    for i in range(1, LIMIT):
+        assert post(client, tokens["pooled"], f"pool-{i}").status_code == 201
+    # Then they ran on the same pooled backends, never one new connection each
+    after = _inline_backends(sessions)
+    assert first <= after and len(after) <= INLINE_POOL_SIZE
