@@ -33,7 +33,7 @@ pytestmark = pytest.mark.e2e
 #: Worker processes running at any time.
 WORKERS = 3
 #: Kills before the chaos stops and the exports may drain.
-KILLS = 8
+KILLS = 5
 #: Filter sets (the sort is part of them, so each is an export of its own, all above the
 #: inline threshold), each requested on every account.
 FILTER_SETS: tuple[dict[str, Any], ...] = (
