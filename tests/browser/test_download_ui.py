@@ -8,14 +8,13 @@ import gzip
 import io
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import httpx2
 import pytest
 from playwright.sync_api import Dialog, Page, expect
 
-from tests.browser.test_export_ui import guarded
+from tests.browser.test_export_ui import guarded, report_rows
 from tests.e2e.harness import LiveStack
 
 pytestmark = pytest.mark.browser
@@ -48,20 +47,6 @@ def log_in(page: Page, stack: LiveStack, path: str) -> None:
     page.get_by_label("Password").fill(ADMIN[1])
     page.get_by_role("button", name="Log in").click()
     expect(page).to_have_url(f"{stack.api_url}{path}")
-
-
-def report_rows(api: httpx2.Client, filters: dict[str, Any]) -> list[list[str]]:
-    rows: list[list[str]] = []
-    cursor = None
-    while True:
-        params = {**filters, "limit": 1000, **({"cursor": cursor} if cursor else {})}
-        body = api.get("/api/v1/accounts/acme/orders", params=params).json()
-        if not rows:
-            rows.append([c["label"] for c in body["columns"]])
-        rows.extend([row[c["key"]] for c in body["columns"]] for row in body["rows"])
-        cursor = body["next_cursor"]
-        if cursor is None:
-            return rows
 
 
 def test_both_options_give_a_gzipped_excel_friendly_file_of_the_report(
