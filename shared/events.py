@@ -71,13 +71,6 @@ class ExportStarted(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ExportProgressed(Event):
-    """Rows written so far (optional; emitted sparingly)."""
-
-    rows_written: int
-
-
-@dataclass(frozen=True, kw_only=True)
 class ExportReady(Event):
     """The file is stored and downloadable until ``expires_at``."""
 
@@ -122,7 +115,6 @@ EVENT_TYPES: dict[str, type[Event]] = {
     for cls in (
         ExportRequested,
         ExportStarted,
-        ExportProgressed,
         ExportReady,
         ExportFailed,
         ExportCanceled,

@@ -13,11 +13,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from shared import jobs, outbox, support
+from shared import lifecycle, support
 from shared.access import account_for, export_for
 from shared.columns import COLUMN_SET_VERSION
 from shared.errors import (
@@ -30,11 +30,10 @@ from shared.errors import (
     TooManyRows,
     ValidationError,
 )
-from shared.events import ExportCanceled, ExportExpired, ExportRequested
 from shared.export_options import COMPRESSIONS, DEFAULT_OPTIONS, job_options
 from shared.filters import OrderFilters, parse_filter_object
 from shared.flags import FlagCache
-from shared.models import Account, ExportJob, ExportState, Notification, Role, User
+from shared.models import Account, ExportJob, ExportState, Role, User
 from shared.report import count_rows, estimate_rows
 from shared.settings import Settings
 from shared.signing import SigningKeys, download_path
@@ -126,13 +125,13 @@ def _existing(
             ExportJob.requested_by == user.id,
             ExportJob.account_id == account.id,
             ExportJob.filters_digest == digest,
-            ExportJob.state.in_(jobs.ACTIVE),
+            ExportJob.state.in_(lifecycle.ACTIVE),
         )
     )
 
 
 def _check_active_cap(session: Session, *, settings: Settings, user: User) -> None:
-    if jobs.count_active(session, user_id=user.id) >= settings.export_max_active_per_user:
+    if lifecycle.count_active(session, user_id=user.id) >= settings.export_max_active_per_user:
         raise TooManyActiveExports(
             f"you already have {settings.export_max_active_per_user} exports queued or running",
             retry_after=ACTIVE_CAP_RETRY_AFTER,
@@ -209,7 +208,6 @@ def request_export(
     inline = rows <= threshold
     if inline:
         _check_inline_rate(session, settings=settings, user=user)
-    jobs.declare_actor(session, f"user:{user.id}", "requested")
     job = ExportJob(
         account_id=account.id,
         requested_by=user.id,
@@ -225,28 +223,13 @@ def request_export(
         enqueued_at=None if inline else func.now(),
     )
     try:
-        with session.begin_nested():
-            session.add(job)
-            session.flush()
+        lifecycle.request(session, job, actor=f"user:{user.id}", inline=inline)
     except IntegrityError:  # a concurrent identical request won the race
         existing = _existing(session, user, account, digest, idempotency_key)
         if existing is None:
             raise
         return Requested(existing, "existing", inline=False)
-    if not inline:
-        outbox.add(session, ExportRequested(export_id=str(job.id), account=account.slug))
     return Requested(job, "created", inline=inline)
-
-
-def queue_in_background(
-    session: Session, job: ExportJob, *, account: Account, actor: str
-) -> ExportJob | None:
-    """Hand an inline export that failed transiently to the background workers."""
-    if job.state is not ExportState.QUEUED:
-        return None
-    jobs.mark_enqueued(session, [job.id])
-    outbox.add(session, ExportRequested(export_id=str(job.id), account=account.slug))
-    return job
 
 
 def get_for_admin(session: Session, export_id: str, user: User) -> tuple[ExportJob, Account]:
@@ -298,7 +281,7 @@ def check_retryable(job: ExportJob, *, exports_enabled: bool) -> None:
     """The rule for every retry, by a user or by support: switch on, a retryable state."""
     if not exports_enabled:
         raise ExportsDisabled("exports are switched off for now")
-    if job.state not in jobs.RETRYABLE_FROM:
+    if job.state not in lifecycle.RETRYABLE_FROM:
         raise Conflict(
             f"only failed, canceled or expired exports can be retried (this one is {job.state})"
         )
@@ -311,50 +294,15 @@ def requeue(
     """Put a checked export back in the queue (the caller ran :func:`check_retryable`)."""
     try:
         with session.begin_nested():
-            moved = _requeue(
-                session, settings=settings, job=job, actor=actor, requested_by=requested_by
-            )
+            moved = lifecycle.retry(
+                session, job, actor=actor, requested_by=requested_by,
+                max_attempts=settings.export_max_attempts,
+            )  # fmt: skip
     except IntegrityError:  # the unique in-flight index: an identical export is running
         raise Conflict("an identical export of yours is already queued or running") from None
     if moved is None:
         raise Conflict("the export changed state; reload and try again")
-    # A new run means new emails: the (export_id, kind) records of the old run would make the
-    # notifier take the new file's ExportReady for a duplicate.
-    session.execute(delete(Notification).where(Notification.export_id == job.id))
-    outbox.add(session, ExportRequested(export_id=str(job.id), account=account.slug))
     return moved
-
-
-def _requeue(
-    session: Session, *, settings: Settings, job: ExportJob, actor: str, requested_by: int
-) -> ExportJob | None:
-    return jobs.transition(
-        session,
-        job.id,
-        to=ExportState.QUEUED,
-        expected=jobs.RETRYABLE_FROM,
-        actor=actor,
-        detail="retry",
-        attempts=0,
-        max_attempts=settings.export_max_attempts,
-        requested_by=requested_by,
-        enqueued_at=func.now(),
-        error_code=None,
-        error_message=None,
-        error_class=None,
-        finished_at=None,
-        expires_at=None,
-        row_count=None,
-        rows_written=0,
-        rows_estimate=None,
-        storage_key=None,
-        size_bytes=None,
-        sha256=None,
-        file_name=None,
-        worker_id=None,
-        file_deleted_at=None,
-        file_deleted_by=None,
-    )
 
 
 def cancel(session: Session, *, export_id: str, user: User) -> ExportJob:
@@ -364,19 +312,9 @@ def cancel(session: Session, *, export_id: str, user: User) -> ExportJob:
 
 def cancel_job(session: Session, *, job: ExportJob, account: Account, actor: str) -> ExportJob:
     """The rule for every cancel, by a user or by support: only queued or running exports."""
-    moved = jobs.transition(
-        session,
-        job.id,
-        to=ExportState.CANCELED,
-        expected=jobs.ACTIVE,
-        actor=actor,
-        detail="cancel",
-        finished_at=func.now(),
-        lease_expires_at=None,
-    )
+    moved = lifecycle.cancel(session, job, actor=actor)
     if moved is None:
         raise Conflict(f"only queued or running exports can be canceled (this one is {job.state})")
-    outbox.add(session, ExportCanceled(export_id=str(job.id), account=account.slug))
     return moved
 
 
@@ -395,25 +333,12 @@ def delete_file(
     if job.storage_key:
         storage.delete(job.storage_key)
     who = session.get(User, deleted_by) if deleted_by is not None else None
-    moved = jobs.transition(
-        session,
-        job.id,
-        to=ExportState.EXPIRED,
-        expected=[ExportState.READY],
-        actor=actor,
-        detail="deleted",
-        storage_key=None,
-        file_deleted_at=func.now(),
-        file_deleted_by=who.display_name if who is not None else SUPPORT_NAME,
-    )
+    moved = lifecycle.delete_file(
+        session, job, actor=actor, deleted_by=deleted_by,
+        deleted_by_name=who.display_name if who is not None else SUPPORT_NAME,
+    )  # fmt: skip
     if moved is None:
         raise Conflict("the export changed state; reload and try again")
-    outbox.add(
-        session,
-        ExportExpired(
-            export_id=str(job.id), account=account.slug, reason="deleted", deleted_by=deleted_by
-        ),
-    )
     return moved
 
 
@@ -442,7 +367,7 @@ def to_json(
         # The total of a big export is the planner's estimate: never claim 100% before ready.
         percent = round(min(99.9, 100.0 * job.rows_written / estimate), 1)
     else:
-        percent = 0.0 if job.state in jobs.ACTIVE else None
+        percent = 0.0 if job.state in lifecycle.ACTIVE else None
     now = dt.datetime.now(dt.UTC)
     downloadable = (
         job.state is ExportState.READY and job.expires_at is not None and job.expires_at > now

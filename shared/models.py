@@ -204,7 +204,7 @@ class LoginAttempt(Base):
 
 
 class ExportState(enum.StrEnum):
-    """The states of an export job (transitions in ``shared/jobs.py``, enforced by a trigger)."""
+    """The states of an export job (edges in ``shared/lifecycle.py``, enforced by a trigger)."""
 
     QUEUED = "queued"
     RUNNING = "running"

@@ -55,6 +55,7 @@ from shared.db import transaction
 from shared.errors import ConfigurationError, OrdersExportError
 from shared.events import TOPIC_LIFECYCLE, Event, ExportFailed, ExportReady
 from shared.export_options import job_options, options_text
+from shared.failures import advice_text
 from shared.filters import from_snapshot
 from shared.kafka import ConsumerLoop
 from shared.models import (
@@ -539,10 +540,11 @@ class Notifier:
         else:
             subject = f"Your orders export failed ({account.slug})"
             reason = job.error_message or "The export could not be completed."
-            if job.error_class == ErrorClass.USER:
-                advice = "Please change the filters (e.g. a shorter date range) and export again."
-            else:
-                advice = "You can retry it from the export's page. If it keeps failing, contact us."
+            advice = advice_text(
+                job.error_code,
+                retryable=job.error_class is ErrorClass.RETRYABLE,
+                export_id=str(job.id),
+            )
             lines = [
                 greeting,
                 "",
@@ -553,6 +555,7 @@ class Notifier:
                 "",
                 advice,
                 "",
+                "The export's page (retry it, or change the filters and export again):",
                 f"{self.public_url}/exports/{job.id}",
             ]
         # An internationalized address needs raw UTF-8 headers (RFC 6531, SMTPUTF8).

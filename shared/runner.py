@@ -19,18 +19,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from dramatiq.middleware import Shutdown, TimeLimitExceeded
-from psycopg import errors as pg_errors
+from dramatiq.middleware import Shutdown
 from psycopg_pool import ConnectionPool
-from sqlalchemy import exc as sa_errors
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import jobs, metrics, outbox
+from shared import lifecycle, metrics
 from shared.csvfile import CopyStream, CsvFile, ExportQuery, Throttled
 from shared.db import libpq_url, transaction
 from shared.errors import StorageError, TooManyRows
-from shared.events import ExportFailed, ExportReady, ExportRequested, ExportStarted
+from shared.failures import classify
 from shared.filters import from_snapshot
 from shared.flags import FlagCache
 from shared.models import Account, ErrorClass, ExportJob, ExportState
@@ -67,70 +65,12 @@ RUN_OUTCOMES = (
     Outcome.CANCELED,
     Outcome.HANDED_BACK,
 )
-#: History detail of a job handed back by a stopping worker.
-HANDED_BACK_DETAIL = "shutdown"
 
 
 @dataclass(frozen=True)
 class Result:
     outcome: Outcome
     delay_seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class SafeError:
-    """What users may see of a failure, and who can fix it."""
-
-    code: str
-    message: str
-    error_class: ErrorClass
-    #: What to say instead once the automatic retries are used up (retryable errors only).
-    final_message: str | None = None
-
-    def message_for(self, *, final: bool) -> str:
-        return self.final_message if final and self.final_message else self.message
-
-
-def classify(exc: BaseException, *, canceled_by_us: bool) -> SafeError:
-    """Turn an exception into a safe, classified error (never SQL, traces or secrets)."""
-    if isinstance(exc, TimeLimitExceeded):
-        return SafeError(
-            "time_limit",
-            "The export took longer than allowed. Narrow the filters (for example a shorter "
-            "date range) and try again.",
-            ErrorClass.USER,
-        )
-    if isinstance(exc, TooManyRows):
-        return SafeError("too_many_rows", exc.message, ErrorClass.USER)
-    if isinstance(exc, pg_errors.QueryCanceled) and not canceled_by_us:
-        return SafeError(
-            "query_timeout",
-            "The export took longer than allowed. Narrow the filters (for example a shorter "
-            "date range) and try again.",
-            ErrorClass.USER,
-        )
-    if isinstance(exc, psycopg.OperationalError | sa_errors.OperationalError) or (
-        isinstance(exc, sa_errors.DBAPIError) and exc.connection_invalidated
-    ):
-        return SafeError(
-            "database_unavailable",
-            "The database connection was interrupted. The export will be retried.",
-            ErrorClass.RETRYABLE,
-            "The database connection was interrupted on every attempt. Retry the export in a "
-            "few minutes.",
-        )
-    if isinstance(exc, StorageError):
-        return SafeError(
-            "storage_unavailable",
-            "The file could not be stored. The export will be retried.",
-            ErrorClass.RETRYABLE,
-            "The file could not be stored on any attempt. Retry the export in a few minutes.",
-        )
-    return SafeError(
-        "internal_error",
-        "An unexpected error stopped the export. Please contact support.",
-        ErrorClass.ENGINEERING,
-    )
 
 
 def new_worker_id() -> str:
@@ -190,7 +130,7 @@ class Heartbeat(threading.Thread):
                 continue  # no progress for a whole lease: let it lapse (housekeeping requeues)
             try:
                 with transaction(self._sessions) as session:
-                    ours = jobs.heartbeat(
+                    ours = lifecycle.heartbeat(
                         session,
                         self._job_id,
                         worker_id=self._worker_id,
@@ -268,7 +208,7 @@ class ExportRunner:
             return Result(Outcome.PAUSED)
         worker_id = new_worker_id()
         with transaction(self._sessions) as session:
-            job = jobs.claim(
+            job = lifecycle.claim(
                 session,
                 export_id,
                 worker_id=worker_id,
@@ -278,16 +218,9 @@ class ExportRunner:
             if job is None:
                 state = session.scalar(select(ExportJob.state).where(ExportJob.id == export_id))
                 return Result(Outcome.BUSY if state is ExportState.QUEUED else Outcome.SKIPPED)
-            queued_since = None if inline else jobs.queued_since(session, job.id)
             account = session.get_one(Account, job.account_id)
-            outbox.add(
-                session,
-                ExportStarted(export_id=str(job.id), account=account.slug, attempt=job.attempts),
-            )
         if inline:  # made inside a request: no queue, and not a worker's run
             return self._attempt(job, account, worker_id=worker_id, inline=inline)
-        if queued_since is not None and job.heartbeat_at is not None:  # both PostgreSQL's clock
-            metrics.QUEUE_WAIT.observe(max(0.0, (job.heartbeat_at - queued_since).total_seconds()))
         started = time.monotonic()
         result = self._attempt(job, account, worker_id=worker_id, inline=inline)
         metrics.JOB_DURATION.labels(result.outcome.value).observe(time.monotonic() - started)
@@ -410,42 +343,21 @@ class ExportRunner:
             seconds=self._settings.export_file_ttl_seconds
         )
         with transaction(self._sessions) as session:
-            done = jobs.transition(
+            done = lifecycle.finish(
                 session,
-                job.id,
-                to=ExportState.READY,
-                expected=[ExportState.RUNNING],
-                actor=f"worker:{worker_id}",
-                where=[ExportJob.worker_id == worker_id],
+                job,
+                worker_id=worker_id,
+                expires_at=expires_at,
+                notify=notify,
                 row_count=csv_file.row_count,
-                rows_written=csv_file.row_count,
-                rows_estimate=csv_file.row_count,
                 size_bytes=csv_file.size_bytes,
                 sha256=csv_file.sha256,
                 storage_key=key,
                 file_name=file_name(account.slug, job.created_at, job.compression),
-                finished_at=func.now(),
-                expires_at=expires_at,
-                lease_expires_at=None,
             )
-            if done is not None:
-                outbox.add(
-                    session,
-                    ExportReady(
-                        export_id=str(job.id),
-                        account=account.slug,
-                        requested_by=job.requested_by,
-                        row_count=csv_file.row_count,
-                        size_bytes=csv_file.size_bytes,
-                        expires_at=expires_at.isoformat(),
-                        notify=notify,
-                    ),
-                )
         if done is None:  # canceled or rescued while we were finishing
             self._discard(key)
             return Result(Outcome.CANCELED)
-        metrics.ROWS.inc(csv_file.row_count)
-        metrics.BYTES.inc(csv_file.size_bytes)
         return Result(Outcome.READY)
 
     def _ready_with(self, job_id: uuid.UUID, key: str) -> bool:
@@ -473,51 +385,18 @@ class ExportRunner:
     ) -> Result:
         """Record a failed attempt: back to the queue (with backoff) while attempts remain and
         the error is retryable, else failed for good. The attempt's file, if any, is deleted
-        once the database says it is not the job's file. Counters move only after the commit."""
+        once the database says it is not the job's file. The rule and the counters are
+        :func:`shared.lifecycle.fail_attempt`'s."""
         error = classify(exc, canceled_by_us=False)
         if error.error_class is ErrorClass.ENGINEERING:
             log.error("export %s failed unexpectedly", job.id, exc_info=exc)
         else:
             log.warning("export %s failed: %s (%s)", job.id, error.code, type(exc).__name__)
-        retry = error.error_class is ErrorClass.RETRYABLE and job.attempts < job.max_attempts
-        actor = f"worker:{worker_id}"
         try:
             with transaction(self._sessions) as session:
-                # Back to the queue while attempts remain, otherwise failed for good.
-                target = ExportState.QUEUED if retry else ExportState.FAILED
-                extra = (
-                    {"worker_id": None, "enqueued_at": func.now()}
-                    if retry
-                    else {"finished_at": func.now()}
+                moved, retry = lifecycle.fail_attempt(
+                    session, job, error, worker_id=worker_id, notify=not inline
                 )
-                moved = jobs.transition(
-                    session,
-                    job.id,
-                    to=target,
-                    expected=[ExportState.RUNNING],
-                    actor=actor,
-                    detail=error.code,
-                    where=[ExportJob.worker_id == worker_id],
-                    error_code=error.code,
-                    error_message=error.message_for(final=not retry),
-                    error_class=error.error_class,
-                    lease_expires_at=None,
-                    **extra,
-                )
-                if moved is not None:
-                    outbox.add(
-                        session,
-                        ExportFailed(
-                            export_id=str(job.id),
-                            account=account.slug,
-                            requested_by=job.requested_by,
-                            code=error.code,
-                            message=error.message_for(final=not retry),
-                            retryable=error.error_class is ErrorClass.RETRYABLE,
-                            final=not retry,
-                            notify=not inline,
-                        ),
-                    )
         except Exception as record_exc:
             # The primary is away too: the lease lapses and housekeeping requeues the job.
             log.warning(
@@ -534,9 +413,7 @@ class ExportRunner:
                 return Result(Outcome.CANCELED)
             return Result(Outcome.READY)  # _finish had committed; only its reply was lost
         self._discard(key)
-        metrics.FAILURES.labels(error.code).inc()
         if retry:
-            metrics.RETRIES.inc()
             return Result(Outcome.RETRY, delay_seconds=self._backoff(job))
         return Result(Outcome.FAILED)
 
@@ -551,23 +428,7 @@ class ExportRunner:
         log.info("export %s: handed back to the queue (%s)", job.id, type(cause).__name__)
         try:
             with transaction(self._sessions) as session:
-                moved = jobs.transition(
-                    session,
-                    job.id,
-                    to=ExportState.QUEUED,
-                    expected=[ExportState.RUNNING],
-                    actor=f"worker:{worker_id}",
-                    detail=HANDED_BACK_DETAIL,
-                    where=[ExportJob.worker_id == worker_id, ExportJob.attempts > 0],
-                    attempts=ExportJob.attempts - 1,
-                    worker_id=None,
-                    lease_expires_at=None,
-                    enqueued_at=func.now(),
-                )
-                if moved is not None:
-                    outbox.add(
-                        session, ExportRequested(export_id=str(job.id), account=account.slug)
-                    )
+                moved = lifecycle.hand_back(session, job, worker_id=worker_id)
         except Exception as exc:
             log.warning(
                 "export %s: hand-back not recorded (%s); left to housekeeping",

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from shared import backlog
 from shared.errors import NotFound
+from shared.failures import error_class_of
 from shared.models import (
     Account,
     DownloadAttempt,
@@ -49,13 +50,6 @@ QUEUED_TOO_LONG_SECONDS = 900
 UNPUBLISHED_TOO_LONG_SECONDS = 120
 #: Download attempts ``show`` lists (newest first).
 SHOWN_DOWNLOADS = 10
-#: Who can fix the failures that are not retried automatically, by safe error code
-#: (``shared.runner.classify``; retryable failures say so in their event).
-ERROR_CLASSES = {
-    "too_many_rows": ErrorClass.USER,
-    "query_timeout": ErrorClass.USER,
-    "internal_error": ErrorClass.ENGINEERING,
-}
 
 _DURATION = re.compile(r"^([1-9][0-9]*)([smhd])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -257,7 +251,7 @@ def attempts_of(
             if event is not None:
                 code = str(event.get("code"))
                 error_class = (
-                    ErrorClass.RETRYABLE if event.get("retryable") else ERROR_CLASSES.get(code)
+                    ErrorClass.RETRYABLE if event.get("retryable") else error_class_of(code)
                 )
                 current["error"] = _error(code, error_class, event.get("message"))
             elif step.to_state is ExportState.FAILED:

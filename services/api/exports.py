@@ -22,7 +22,7 @@ from services.api import byteranges, exportviews
 from services.api.auth import Caller, authenticated, login_redirect, require_caller
 from services.api.clients import client_address, public_origin
 from services.api.errors import error_body, wants_html
-from shared import downloads, exports
+from shared import downloads, exports, lifecycle
 from shared.csvfile import inline_pool
 from shared.db import libpq_url, transaction
 from shared.errors import (
@@ -160,9 +160,7 @@ def _run_inline(app: Starlette, job_id: Any, account: Account, caller: Caller) -
         if result.outcome is Outcome.RETRY:  # e.g. storage blip: let the workers finish it
             with transaction(app.state.sessions) as retry_session:
                 job = retry_session.get_one(ExportJob, job_id)
-                exports.queue_in_background(
-                    retry_session, job, account=account, actor=f"user:{caller.user.id}"
-                )
+                lifecycle.send_to_workers(retry_session, job)
             return 202
         if result.outcome is not Outcome.FAILED:
             return 201

@@ -20,7 +20,7 @@ from starlette.responses import Response
 from services.api.auth import Caller, csrf_token, identify
 from services.api.clients import public_origin
 from services.api.errors import status_for
-from shared import downloads, export_options, exports, support
+from shared import downloads, export_options, exports, failures, support
 from shared.errors import NotFound, OrdersExportError, Unauthenticated
 from shared.filters import DEFAULT_SORT, SORT_LABELS, OrderFilters, from_snapshot
 from shared.models import Account, ExportJob, Role
@@ -42,15 +42,6 @@ STATE_LABELS = {
     "failed": "Failed",
     "canceled": "Canceled",
     "expired": "Expired",
-}
-#: Error codes that the user fixes by asking for fewer rows.
-NARROW_CODES = frozenset({"query_timeout", "too_many_rows"})
-#: What a failed export tells the user to do, by who can fix it.
-HINTS = {
-    "retry": "The automatic retries are used up. This is usually a temporary problem on our "
-    "side: retry the export.",
-    "narrow": "Narrow the filters (for example a shorter date range) and export again.",
-    "support": "Retrying will not help: contact support and quote export {id}.",
 }
 #: What the user is told after asking for an export, by the request's HTTP status.
 REQUESTED = {
@@ -170,15 +161,15 @@ class ExportUi:
     def narrower(self, export: dict[str, Any]) -> bool:
         """True when the user fixes the failure by asking for fewer rows."""
         error = export.get("error") or {}
-        return not error.get("retryable") and error.get("code") in NARROW_CODES
+        advice = failures.advice_for(error.get("code"), retryable=bool(error.get("retryable")))
+        return advice is failures.Advice.NARROW
 
     def hint(self, export: dict[str, Any]) -> str:
         """What to do about a failed export: retry, narrow the filters, or contact support."""
-        if (export.get("error") or {}).get("retryable"):
-            return HINTS["retry"]
-        if self.narrower(export):
-            return HINTS["narrow"]
-        return HINTS["support"].format(id=export["id"])
+        error = export.get("error") or {}
+        return failures.advice_text(
+            error.get("code"), retryable=bool(error.get("retryable")), export_id=export["id"]
+        )
 
     def key(self, export: dict[str, Any]) -> str:
         """Changes when an item must be drawn anew (the script compares it)."""
@@ -226,9 +217,13 @@ class ExportUi:
             "idle_poll_ms": IDLE_POLL_MS,
             "labels": self.labels,
             "sort_labels": SORT_LABELS,
-            "hints": HINTS,
+            "hints": {str(advice): text for advice, text in failures.ADVICE_TEXT.items()},
             "verdicts": self.verdicts,
-            "narrow_codes": sorted(NARROW_CODES),
+            "narrow_codes": sorted(
+                row.code
+                for row in failures.FAILURE_CODES.values()
+                if row.advice is failures.Advice.NARROW
+            ),
             "requested": {str(k): v for k, v in REQUESTED.items()},
             "messages": MESSAGES,
             "disabled": DISABLED,

@@ -15,7 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import jobs
+from shared import lifecycle
 from shared.db import transaction
 from shared.runner import ExportRunner, Outcome
 from shared.settings import DEFAULT_STATEMENT_TIMEOUT_SECONDS, Settings
@@ -121,7 +121,7 @@ def declare_actors(
         if delay_ms is not None:
             # Still queued: come back later (Dramatiq holds the delayed message in Redis).
             with transaction(sessions) as session:
-                jobs.mark_enqueued(session, [uuid.UUID(export_id)])
+                lifecycle.mark_enqueued(session, [uuid.UUID(export_id)])
             _send_later(actors, export_id, delay_ms=delay_ms)
 
     actor = dramatiq.actor(

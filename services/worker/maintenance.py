@@ -14,15 +14,12 @@ import uuid
 from collections.abc import Callable
 
 from redis.exceptions import RedisError
-from sqlalchemy import func
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.worker.actors import Actors
-from shared import jobs, metrics, outbox, retention
+from shared import lifecycle, retention
 from shared.db import transaction
 from shared.errors import StorageError
-from shared.events import ExportExpired, ExportFailed
-from shared.models import Account, ErrorClass, ExportJob, ExportState
 from shared.settings import Settings
 from shared.storage import Storage
 
@@ -32,8 +29,6 @@ log = logging.getLogger(__name__)
 INTERVAL_SECONDS = 2.0
 #: Pruning of login failures, sessions and the download audit runs at most this often (seconds).
 PRUNE_INTERVAL_SECONDS = 60.0
-#: Safe error recorded when a worker vanished mid-export.
-WORKER_LOST = ("worker_lost", "The export worker stopped unexpectedly.")
 
 
 class Maintenance:
@@ -108,41 +103,11 @@ class Maintenance:
     def rescue(self) -> int:
         """Running jobs whose lease expired go back to the queue, or fail when out of attempts."""
         requeue: list[uuid.UUID] = []
-        lost = 0
         with transaction(self._sessions) as session:
-            for job in jobs.lease_expired(session):
-                retry = job.attempts < job.max_attempts
-                code, message = WORKER_LOST
-                moved = jobs.transition(
-                    session,
-                    job.id,
-                    to=ExportState.QUEUED if retry else ExportState.FAILED,
-                    expected=[ExportState.RUNNING],
-                    actor="system:rescuer",
-                    detail="lease_expired",
-                    error_code=code,
-                    error_message=message + (" It will be retried." if retry else ""),
-                    error_class=ErrorClass.RETRYABLE,
-                    worker_id=None,
-                    lease_expires_at=None,
-                    **({"enqueued_at": func.now()} if retry else {"finished_at": func.now()}),
-                )
-                if moved is None:
-                    continue
-                lost += 1
-                account = session.get_one(Account, job.account_id)
-                outbox.add(
-                    session,
-                    ExportFailed(
-                        export_id=str(job.id), account=account.slug, requested_by=job.requested_by,
-                        code=code, message=message, retryable=True, final=not retry,
-                    ),
-                )  # fmt: skip
-                if retry:
+            for job in lifecycle.lease_expired(session):
+                moved, retry = lifecycle.rescue(session, job)
+                if moved is not None and retry:
                     requeue.append(job.id)
-        if lost:
-            metrics.FAILURES.labels(WORKER_LOST[0]).inc(lost)
-            metrics.RETRIES.inc(len(requeue))
         for export_id in requeue:
             log.warning("export %s: worker lost, back in the queue", export_id)
             try:
@@ -160,7 +125,7 @@ class Maintenance:
         housekeeper or a user's delete is harmless.
         """
         with transaction(self._sessions) as session:
-            due = [(job.id, job.storage_key) for job in jobs.past_expiry(session)]
+            due = [(job.id, job.storage_key) for job in lifecycle.past_expiry(session)]
         expired = 0
         for export_id, key in due:
             if key:
@@ -170,16 +135,7 @@ class Maintenance:
                     log.warning("export %s: file delete failed; will try again", export_id)
                     continue
             with transaction(self._sessions) as session:
-                moved = jobs.transition(
-                    session, export_id, to=ExportState.EXPIRED, expected=[ExportState.READY],
-                    actor="system:expiry", where=[ExportJob.expires_at < func.now()],
-                    storage_key=None,
-                )  # fmt: skip
-                if moved is not None:
-                    account = session.get_one(Account, moved.account_id)
-                    outbox.add(
-                        session, ExportExpired(export_id=str(export_id), account=account.slug)
-                    )
+                if lifecycle.expire(session, export_id) is not None:
                     expired += 1
         return expired
 
@@ -189,11 +145,11 @@ class Maintenance:
         # worker's consumer for one) are not lost: sending them again would only pile up work.
         waiting = self._actors.waiting_export_ids()
         with transaction(self._sessions) as session:
-            stale = jobs.stale_queued(
+            stale = lifecycle.stale_queued(
                 session, older_than_seconds=self._settings.export_requeue_after_seconds
             )
             ids = [str(job.id) for job in stale if str(job.id) not in waiting]
-            jobs.mark_enqueued(session, [uuid.UUID(export_id) for export_id in ids])
+            lifecycle.mark_enqueued(session, [uuid.UUID(export_id) for export_id in ids])
         for export_id in ids:
             log.warning(
                 "export %s: queued for long without a worker message; sending again", export_id

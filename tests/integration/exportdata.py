@@ -11,7 +11,7 @@ from typing import Any, BinaryIO
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import jobs
+from shared import lifecycle
 from shared.db import transaction
 from shared.errors import StorageError
 from shared.filters import OrderFilters
@@ -56,7 +56,9 @@ def make_job(
         export_id = job.id
         previous = ExportState.QUEUED
         for step in PATHS[state]:
-            moved = jobs.transition(session, export_id, to=step, expected=[previous], actor="test")
+            moved = lifecycle.transition(
+                session, export_id, to=step, expected=[previous], actor="test"
+            )
             assert moved is not None
             previous = step
         if values:

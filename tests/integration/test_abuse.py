@@ -271,7 +271,7 @@ class TestAuthorizationMatrix:
         sessions: sessionmaker[Session],
         state: str,
     ) -> str:
-        from shared import jobs
+        from shared import lifecycle
         from shared.models import ExportState
         from tests.integration.exportdata import make_job
 
@@ -282,7 +282,7 @@ class TestAuthorizationMatrix:
         export_id = make_job(
             sessions, account_id=population.account_id, user_id=admin_id, state=ExportState(state)
         )
-        assert jobs.TRANSITIONS
+        assert lifecycle.TRANSITIONS
         return str(export_id)
 
     #: endpoint -> expected status per persona, in the order of PERSONAS

@@ -11,7 +11,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import jobs
+from shared import lifecycle
 from shared.db import transaction
 from shared.errors import InvalidTransition
 from shared.identity import ensure_account, set_membership, upsert_user
@@ -39,8 +39,8 @@ def test_database_allows_exactly_the_declared_edges(
     sessions: sessionmaker[Session], ids: dict[str, int], source: ExportState, target: ExportState
 ) -> None:
     export_id = make_job(sessions, account_id=ids["account"], user_id=ids["user"], state=source)
-    allowed = target in jobs.TRANSITIONS[source]
-    # When any code (here: raw SQL, bypassing shared.jobs) changes the state
+    allowed = target in lifecycle.TRANSITIONS[source]
+    # When any code (here: raw SQL, bypassing shared.lifecycle) changes the state
     statement = text("UPDATE export_jobs SET state = CAST(:to AS export_state) WHERE id = :id")
     if allowed:
         with transaction(sessions) as session:
@@ -51,7 +51,7 @@ def test_database_allows_exactly_the_declared_edges(
         # Then the trigger refuses every edge that is not in the state machine
         with pytest.raises(DBAPIError) as caught, transaction(sessions) as session:
             session.execute(statement, {"to": target.value, "id": export_id})
-        assert getattr(caught.value.orig, "sqlstate", None) == jobs.INVALID_TRANSITION_SQLSTATE
+        assert getattr(caught.value.orig, "sqlstate", None) == lifecycle.INVALID_TRANSITION_SQLSTATE
 
 
 @pytest.mark.parametrize("state", [s for s in ExportState if s is not ExportState.QUEUED])
@@ -76,7 +76,7 @@ def test_python_refuses_undeclared_edges_before_sql(
         sessions, account_id=ids["account"], user_id=ids["user"], state=ExportState.READY
     )
     with pytest.raises(InvalidTransition), transaction(sessions) as session:
-        jobs.transition(
+        lifecycle.transition(
             session, export_id, to=ExportState.RUNNING, expected=[ExportState.READY], actor="test"
         )
 
@@ -88,7 +88,7 @@ def test_conditional_update_loses_quietly_when_state_moved_on(
         sessions, account_id=ids["account"], user_id=ids["user"], state=ExportState.CANCELED
     )
     with transaction(sessions) as session:
-        moved = jobs.transition(
+        moved = lifecycle.transition(
             session, export_id, to=ExportState.RUNNING, expected=[ExportState.QUEUED], actor="test"
         )
     assert moved is None
@@ -99,7 +99,7 @@ def test_history_records_every_change_with_its_actor(
 ) -> None:
     export_id = make_job(sessions, account_id=ids["account"], user_id=ids["user"])
     with transaction(sessions) as session:
-        jobs.transition(
+        lifecycle.transition(
             session,
             export_id,
             to=ExportState.CANCELED,
@@ -132,7 +132,7 @@ def test_two_workers_racing_for_one_job_claim_it_once(
     def contender(n: int) -> None:
         barrier.wait()
         with transaction(sessions) as session:
-            job = jobs.claim(session, export_id, worker_id=f"w{n}", lease_seconds=30)
+            job = lifecycle.claim(session, export_id, worker_id=f"w{n}", lease_seconds=30)
             if job is not None:
                 winners.append(job.worker_id or "")
 
@@ -157,14 +157,14 @@ def test_one_running_export_per_account(
     first = make_job(sessions, account_id=account.id, user_id=ids["user"])
     second = make_job(sessions, account_id=account.id, user_id=ids["user"])
     with transaction(sessions) as session:
-        assert jobs.claim(session, first, worker_id="a", lease_seconds=30) is not None
+        assert lifecycle.claim(session, first, worker_id="a", lease_seconds=30) is not None
     with transaction(sessions) as session:
         assert (
-            jobs.claim(session, second, worker_id="b", lease_seconds=30) is None
+            lifecycle.claim(session, second, worker_id="b", lease_seconds=30) is None
         )  # waits its turn
         # a small export made inside a request is not held back
         assert (
-            jobs.claim(
+            lifecycle.claim(
                 session, second, worker_id="b", lease_seconds=30, exclusive_per_account=False
             )
             is not None
@@ -182,10 +182,10 @@ def test_heartbeat_only_for_the_owner_of_a_running_job(
         worker_id="me",
     )
     with transaction(sessions) as session:
-        assert jobs.heartbeat(
+        assert lifecycle.heartbeat(
             session, export_id, worker_id="me", lease_seconds=30, rows_written=10, rows_estimate=100
         )
-        assert not jobs.heartbeat(
+        assert not lifecycle.heartbeat(
             session,
             export_id,
             worker_id="impostor",
@@ -194,7 +194,7 @@ def test_heartbeat_only_for_the_owner_of_a_running_job(
             rows_estimate=1,
         )
     with transaction(sessions) as session:
-        jobs.transition(
+        lifecycle.transition(
             session,
             export_id,
             to=ExportState.CANCELED,
@@ -202,7 +202,7 @@ def test_heartbeat_only_for_the_owner_of_a_running_job(
             actor="user:1",
         )
     with transaction(sessions) as session:
-        assert not jobs.heartbeat(
+        assert not lifecycle.heartbeat(
             session, export_id, worker_id="me", lease_seconds=30, rows_written=20, rows_estimate=100
         )
     with sessions() as session:
@@ -215,9 +215,9 @@ def test_claim_respects_the_attempt_budget(
 ) -> None:
     export_id = make_job(sessions, account_id=ids["other"], user_id=ids["user"], attempts=3)
     with transaction(sessions) as session:
-        assert jobs.claim(session, export_id, worker_id="x", lease_seconds=30) is None
+        assert lifecycle.claim(session, export_id, worker_id="x", lease_seconds=30) is None
 
 
 def test_unknown_job_cannot_be_claimed(sessions: sessionmaker[Session]) -> None:
     with transaction(sessions) as session:
-        assert jobs.claim(session, uuid.uuid4(), worker_id="x", lease_seconds=30) is None
+        assert lifecycle.claim(session, uuid.uuid4(), worker_id="x", lease_seconds=30) is None

@@ -24,7 +24,6 @@ from shared.devstack.kafka_broker import KafkaBroker
 from shared.events import (
     TOPIC_LIFECYCLE,
     TOPIC_REQUESTED,
-    ExportProgressed,
     ExportReady,
     ExportRequested,
     ExportStarted,
@@ -163,10 +162,8 @@ def test_broker_down_keeps_rows_and_a_new_broker_gets_the_backlog_in_order(
         gone.stop()
     export_id = str(uuid.uuid4())
     with transaction(sessions) as session:
-        for written in range(5):
-            add(
-                session, ExportProgressed(export_id=export_id, account="acme", rows_written=written)
-            )
+        for attempt in range(5):
+            add(session, ExportStarted(export_id=export_id, account="acme", attempt=attempt))
 
     down = OutboxRelay(
         settings=settings.model_copy(update={"kafka_bootstrap_servers": gone_address}),
@@ -194,8 +191,8 @@ def test_broker_down_keeps_rows_and_a_new_broker_gets_the_backlog_in_order(
         assert all(row.last_error is None for row in rows)
 
         messages = consume(address, [TOPIC_LIFECYCLE], until=lambda got: len(got) >= 5)
-        progress = [decode(m.value()) for m in messages]
-        assert [e.rows_written for e in progress if isinstance(e, ExportProgressed)] == [
+        started = [decode(m.value()) for m in messages]
+        assert [e.attempt for e in started if isinstance(e, ExportStarted)] == [
             0,
             1,
             2,

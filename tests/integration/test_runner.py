@@ -136,10 +136,10 @@ def test_cancel_stops_a_running_copy_within_seconds(
     thread.start()
     while job_of(sessions, export_id).rows_written == 0:
         time.sleep(0.1)
-    from shared import jobs
+    from shared import lifecycle
 
     with transaction(sessions) as session:
-        jobs.transition(
+        lifecycle.transition(
             session,
             export_id,
             to=ExportState.CANCELED,

@@ -469,7 +469,7 @@ def test_a_rescued_worker_that_wakes_up_leaves_no_file_and_no_second_ready_event
 def test_racing_claims_keep_one_running_export_per_account(
     settings: Settings, sessions: sessionmaker[Session], ids: dict[str, int]
 ) -> None:
-    from shared import jobs
+    from shared import lifecycle
     from shared.db import make_engine, make_sessionmaker
 
     racers = 5
@@ -492,7 +492,7 @@ def test_racing_claims_keep_one_running_export_per_account(
             ) -> None:
                 with racing() as session, session.begin():
                     barrier.wait()  # every worker claims at the same moment
-                    job = jobs.claim(
+                    job = lifecycle.claim(
                         session, export_id, worker_id=f"w-{export_id}", lease_seconds=30
                     )
                     if job is not None:

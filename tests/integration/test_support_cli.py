@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import backlog, downloads, exports, jobs, outbox
+from shared import backlog, downloads, exports, lifecycle, outbox
 from shared.db import transaction
 from shared.errors import Conflict, ExportsDisabled
 from shared.flags import FlagCache, set_flag
@@ -94,7 +94,7 @@ def settle(sessions: sessionmaker[Session]) -> Iterator[None]:
             select(ExportJob.id).where(ExportJob.state == ExportState.RUNNING)
         )
         for export_id in list(running):
-            jobs.transition(
+            lifecycle.transition(
                 session, export_id, to=ExportState.CANCELED, expected=[ExportState.RUNNING],
                 actor="test",
             )  # fmt: skip

@@ -1,18 +1,13 @@
-"""The support verdict, durations, and the error classes support reads back from events."""
+"""The support verdict and durations."""
 
 from __future__ import annotations
 
 import datetime as dt
 
-import psycopg
 import pytest
-from psycopg import errors as pg_errors
 
-from shared.errors import StorageError, TooManyRows
 from shared.models import ErrorClass, ExportJob, ExportState
-from shared.runner import classify
 from shared.support import (
-    ERROR_CLASSES,
     USER_WORDS,
     Verdict,
     diagnose,
@@ -24,24 +19,6 @@ NOW = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC)
 
 def job(state: ExportState, **values: object) -> ExportJob:
     return ExportJob(state=state, attempts=1, max_attempts=3, **values)
-
-
-@pytest.mark.parametrize(
-    "exc",
-    [
-        TooManyRows("too many"),
-        pg_errors.QueryCanceled("canceling statement due to statement timeout"),
-        psycopg.OperationalError("gone"),
-        StorageError("down"),
-        RuntimeError("bug"),
-    ],
-)
-def test_error_classes_agree_with_the_runners_classification(exc: Exception) -> None:
-    error = classify(exc, canceled_by_us=False)
-    if error.error_class is ErrorClass.RETRYABLE:
-        assert error.code not in ERROR_CLASSES  # told by the event's "retryable"
-    else:
-        assert ERROR_CLASSES[error.code] is error.error_class
 
 
 @pytest.mark.parametrize(

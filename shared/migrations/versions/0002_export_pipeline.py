@@ -16,7 +16,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 # The export state machine, enforced by the database: any UPDATE that changes state along an
-# edge not listed here fails (SQLSTATE OE001), whatever code issued it. shared/jobs.py holds
+# edge not listed here fails (SQLSTATE OE001), whatever code issued it. shared/lifecycle.py holds
 # the same edges; tests/integration/test_job_states.py checks that the two agree.
 TRANSITION_CHECK = """
 CREATE FUNCTION export_jobs_transition_check() RETURNS trigger LANGUAGE plpgsql AS $$
