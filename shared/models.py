@@ -336,6 +336,15 @@ class OutboxMessage(Base):
     )
 
 
+class NotificationStatus(enum.StrEnum):
+    """What became of one email (the ``notifications.status`` column)."""
+
+    PENDING = "pending"  # not sent yet: new, or transient failures behind it (retried)
+    SENT = "sent"
+    SKIPPED = "skipped"  # deliberately not sent (e.g. the requester is no longer an admin)
+    FAILED = "failed"  # can never be delivered; given up for good
+
+
 class Notification(Base):
     """One email per export and kind; the unique key makes redelivered events harmless."""
 
@@ -348,11 +357,19 @@ class Notification(Base):
     recipient: Mapped[str] = mapped_column(Text, nullable=False)
     event_id: Mapped[str] = mapped_column(Text, nullable=False)
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
+    #: A :class:`NotificationStatus`: pending until sent, skipped or failed for good.
+    status: Mapped[str] = mapped_column(
+        Text, nullable=False, server_default=text(f"'{NotificationStatus.PENDING}'")
+    )
+    #: Why it is not sent: the last delivery error (pending, failed) or the skip reason.
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = _now()
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
-    __table_args__ = (CheckConstraint("kind IN ('ready', 'failed')", name="kind_known"),)
+    __table_args__ = (
+        CheckConstraint("kind IN ('ready', 'failed')", name="kind_known"),
+        CheckConstraint("status IN ('pending', 'sent', 'skipped', 'failed')", name="status_known"),
+    )
 
 
 class DownloadAttempt(Base):

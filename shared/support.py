@@ -34,10 +34,10 @@ from shared.models import (
     ExportState,
     ExportTransition,
     Notification,
+    NotificationStatus,
     OutboxMessage,
     User,
 )
-from shared.notifications import FAILED_PREFIX, SKIPPED_PREFIX
 from shared.settings import Settings
 
 #: Where the runbook lives, relative to the repository (sections are its alert headings).
@@ -276,13 +276,7 @@ def attempts_of(
 
 
 def _email_status(row: Notification) -> str:
-    if row.sent_at is not None:
-        return "sent"
-    if (row.last_error or "").startswith(SKIPPED_PREFIX):
-        return "skipped"
-    if (row.last_error or "").startswith(FAILED_PREFIX):
-        return "failed"  # given up for good: a permanent refusal, or past the retry bound
-    return "pending"
+    return row.status  # failed: given up for good (a permanent refusal, or past the bound)
 
 
 def describe(session: Session, job: ExportJob, account: Account) -> dict[str, Any]:
@@ -473,11 +467,11 @@ def stats(session: Session, *, settings: Settings, since: dt.timedelta) -> dict[
         .group_by(ExportJob.error_code)
         .order_by(ExportJob.error_code)
     ).all()
-    skipped = Notification.last_error.startswith(SKIPPED_PREFIX)
-    given_up = Notification.last_error.startswith(FAILED_PREFIX)
+    skipped = Notification.status == NotificationStatus.SKIPPED
+    given_up = Notification.status == NotificationStatus.FAILED
     final = skipped | given_up
     pending = session.scalar(
-        select(func.count()).where(Notification.sent_at.is_(None), ~func.coalesce(final, False))
+        select(func.count()).where(Notification.status == NotificationStatus.PENDING)
     )
     given_up_count = session.scalar(
         select(func.count()).where(Notification.created_at >= start, given_up)

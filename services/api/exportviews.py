@@ -11,7 +11,6 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
-from zoneinfo import ZoneInfo
 
 from sqlalchemy.orm import Session
 from starlette.requests import Request
@@ -23,6 +22,7 @@ from services.api.errors import status_for
 from shared import downloads, export_options, exports, failures, support
 from shared.errors import NotFound, OrdersExportError, Unauthenticated
 from shared.filters import DEFAULT_SORT, SORT_LABELS, OrderFilters, from_snapshot
+from shared.formatting import duration, file_size, local_time
 from shared.models import Account, ExportJob, Role
 
 #: Exports listed in the report page's panel, newest first (count).
@@ -93,29 +93,6 @@ DOWNLOAD_OUTCOMES = {
     "file_expired": "Refused: file expired or deleted",
 }
 
-#: Decimal units of file sizes.
-_SIZE_UNITS = ("bytes", "kB", "MB", "GB", "TB")
-
-
-def file_size(size: int | None) -> str:
-    """``3.5 MB`` (decimal units, like the script's)."""
-    if size is None:
-        return "?"
-    value, unit = float(size), 0
-    while value >= 1000 and unit < len(_SIZE_UNITS) - 1:
-        value, unit = value / 1000, unit + 1
-    return f"{size} bytes" if unit == 0 else f"{value:.1f} {_SIZE_UNITS[unit]}"
-
-
-def duration(seconds: float) -> str:
-    """``12 s``, ``4 min``, ``2 h`` (rounded down)."""
-    seconds = max(0, int(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min"
-    return f"{seconds // 3600} h"
-
 
 @dataclass(frozen=True)
 class ExportUi:
@@ -138,8 +115,7 @@ class ExportUi:
     def local_time(self, iso: str | None) -> str:
         if not iso:
             return ""
-        moment = dt.datetime.fromisoformat(iso).astimezone(ZoneInfo(self.timezone))
-        return moment.strftime("%Y-%m-%d %H:%M")
+        return local_time(dt.datetime.fromisoformat(iso), self.timezone)
 
     def waited(self, iso: str | None) -> str:
         if not iso:

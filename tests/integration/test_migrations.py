@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from alembic import command
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
 
+from shared.db import transaction
+from shared.identity import ensure_account, upsert_user
 from shared.migrate import alembic_config, upgrade
 from shared.settings import Settings
+from tests.integration.exportdata import make_job
 
 
 def test_models_and_migrations_agree(settings: Settings) -> None:
@@ -16,5 +21,54 @@ def test_models_and_migrations_agree(settings: Settings) -> None:
 def test_downgrade_to_base_and_back(settings: Settings) -> None:
     config = alembic_config(settings.database_url)
     command.downgrade(config, "base")
+    upgrade(settings.database_url)
+    command.check(config)
+
+
+def test_email_records_move_from_last_error_prefixes_to_the_status_column(
+    settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    with transaction(sessions) as session:
+        account = ensure_account(session, slug="mig", name="Mig", timezone="UTC")
+        user = upsert_user(session, email="m@mig.test", password="pw pw pw pw", display_name="M")
+        ids = (account.id, user.id)
+    rows = {
+        "ready": ("skipped: recipient no longer an admin", None),
+        "failed": ("failed: the mail server refused the recipient (550)", None),
+    }
+    exports = {name: make_job(sessions, account_id=ids[0], user_id=ids[1]) for name in "abc"}
+    config = alembic_config(settings.database_url)
+    command.downgrade(config, "0006-1")  # the schema before the status column
+    with sessions.begin() as session:
+        insert = text(
+            "INSERT INTO notifications (export_id, kind, recipient, event_id, attempts,"
+            " last_error, sent_at) VALUES (:id, :kind, 'm@mig.test', 'e', 1, :error, :sent)"
+        )
+        for kind, (error, sent) in rows.items():
+            session.execute(
+                insert, {"id": exports["a"], "kind": kind, "error": error, "sent": sent}
+            )
+        session.execute(insert, {"id": exports["b"], "kind": "ready", "error": None, "sent": "now"})
+        session.execute(
+            insert,
+            {"id": exports["c"], "kind": "ready", "error": "SMTP delivery failed", "sent": None},
+        )
+    upgrade(settings.database_url)
+    read = text("SELECT export_id, kind, status, last_error FROM notifications ORDER BY 1, 2")
+    expected_after = {
+        (exports["a"], "failed", "failed", "the mail server refused the recipient (550)"),
+        (exports["a"], "ready", "skipped", "recipient no longer an admin"),
+        (exports["b"], "ready", "sent", None),
+        (exports["c"], "ready", "pending", "SMTP delivery failed"),
+    }
+    with sessions() as session:
+        assert set(map(tuple, session.execute(read).all())) == expected_after
+    command.downgrade(config, "0006-1")
+    with sessions() as session:
+        restored = session.execute(text("SELECT kind, last_error FROM notifications")).all()
+    assert {(kind, error) for kind, error in restored if error and ":" in error} >= {
+        ("ready", "skipped: recipient no longer an admin"),
+        ("failed", "failed: the mail server refused the recipient (550)"),
+    }
     upgrade(settings.database_url)
     command.check(config)
