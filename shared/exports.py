@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from shared import lifecycle, support
+from shared import lifecycle, support, wire
 from shared.access import account_for, export_for
 from shared.columns import COLUMN_SET_VERSION
 from shared.errors import (
@@ -33,7 +33,7 @@ from shared.errors import (
 from shared.export_options import COMPRESSIONS, DEFAULT_OPTIONS, job_options
 from shared.filters import OrderFilters, parse_filter_object
 from shared.flags import FlagCache
-from shared.models import Account, ExportJob, ExportState, Role, User
+from shared.models import Account, ErrorClass, ExportJob, ExportState, Role, User
 from shared.report import count_rows, estimate_rows
 from shared.settings import Settings
 from shared.signing import SigningKeys, download_path
@@ -87,7 +87,7 @@ def parse_options(raw: object) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ValidationError("options", "expected a JSON object")
     for name, value in raw.items():
-        if name not in DEFAULT_OPTIONS:
+        if name not in wire.ExportOptions.model_fields:
             raise ValidationError(f"options.{name}", "unknown option")
         if name == "compression":
             if value not in COMPRESSIONS or not isinstance(value, str):
@@ -101,7 +101,7 @@ def parse_options(raw: object) -> dict[str, Any]:
 def parse_request_body(body: object) -> tuple[OrderFilters, dict[str, Any]]:
     if not isinstance(body, dict):
         raise ValidationError("body", "expected a JSON object")
-    unknown = set(body) - {"filters", "options"}
+    unknown = set(body) - set(wire.ExportRequest.model_fields)
     if unknown:
         raise ValidationError(sorted(unknown)[0], "unknown field")
     return parse_filter_object(body.get("filters")), parse_options(body.get("options"))
@@ -342,10 +342,6 @@ def delete_file(
     return moved
 
 
-def _iso(value: dt.datetime | None) -> str | None:
-    return value.isoformat() if value else None
-
-
 def link_expiry(settings: Settings, job: ExportJob) -> dt.datetime:
     """A link lives EXPORT_LINK_TTL_SECONDS, never beyond the file's own expiry."""
     assert job.expires_at is not None
@@ -383,38 +379,37 @@ def to_json(
         download_url = (settings.public_url or base_url).rstrip("/") + path
     error = None
     if job.error_code and job.state in (ExportState.FAILED, ExportState.QUEUED):
-        error = {
-            "code": job.error_code,
-            "message": job.error_message,
-            "retryable": job.error_class is not None and job.error_class.value == "retryable",
-        }
+        error = wire.ExportError(
+            code=job.error_code,
+            message=job.error_message or "",
+            retryable=job.error_class is ErrorClass.RETRYABLE,
+        )
     file = None
     if job.state is ExportState.READY and job.file_name:
-        file = {"name": job.file_name, "size_bytes": job.size_bytes, "sha256": job.sha256}
-    return {
-        "id": str(job.id),
-        "account": account.slug,
-        "state": job.state.value,
-        "filters": job.filters,
-        "row_count": job.row_count,
-        "progress": {
-            "rows_written": job.rows_written,
-            "rows_estimate": estimate,
-            "percent": percent,
-        },
-        "attempts": job.attempts,
-        "created_at": _iso(job.created_at),
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at),
-        "expires_at": _iso(job.expires_at),
-        "error": error,
-        "download_url": download_url,
-        "file": file,
-        "verdict": support.diagnose(job, now=now).verdict.value,
-        "options": job_options(job),
-        "deleted": (
-            {"at": _iso(job.file_deleted_at), "by": job.file_deleted_by}
-            if job.state is ExportState.EXPIRED and job.file_deleted_at is not None
-            else None
+        file = wire.ExportFile(
+            name=job.file_name, size_bytes=job.size_bytes or 0, sha256=job.sha256 or ""
+        )
+    deleted = None
+    if job.state is ExportState.EXPIRED and job.file_deleted_at is not None:
+        deleted = wire.Deleted(at=job.file_deleted_at, by=job.file_deleted_by or SUPPORT_NAME)
+    return wire.Export(
+        id=job.id,
+        account=account.slug,
+        state=job.state,
+        filters=wire.Filters.model_validate(job.filters),
+        row_count=job.row_count,
+        progress=wire.Progress(
+            rows_written=job.rows_written, rows_estimate=estimate, percent=percent
         ),
-    }
+        attempts=job.attempts,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        expires_at=job.expires_at,
+        error=error,
+        download_url=download_url,
+        file=file,
+        verdict=support.diagnose(job, now=now).verdict,
+        options=wire.ExportOptions.model_validate(job_options(job)),
+        deleted=deleted,
+    ).to_json()

@@ -12,11 +12,12 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from services.api import exports, health, login, openapi, pages, report
+from services.api.auth import SESSION_COOKIE
 from services.api.clients import trusted_networks
 from services.api.errors import handle_domain_error, handle_http_exception
 from services.api.middleware import BodyLimitMiddleware, SecurityHeadersMiddleware
@@ -28,9 +29,6 @@ from shared.settings import Settings, load_settings
 from shared.signing import SigningKeys
 
 HERE = Path(__file__).parent
-#: Name of the session cookie (signed; holds the server-side session's random id and the CSRF
-#: token, see services/api/auth.py).
-SESSION_COOKIE = "oex_session"
 
 
 def _static_url(settings: Settings) -> Callable[[str], str]:
@@ -44,26 +42,9 @@ def _static_url(settings: Settings) -> Callable[[str], str]:
     return static_url
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
-    """Build the app; reads the environment only when no settings are given."""
-    settings = settings or load_settings()
-    SigningKeys.from_settings(settings)  # a malformed or repeated key fails the start
-    logredact.install()  # access logs carry signed links: their signatures are redacted
-    engine = make_engine(settings.database_url)
-    downloads.declare_metrics()
-
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        metrics_port = health.MetricsPort(settings) if settings.metrics_port else None
-        yield
-        if metrics_port is not None:
-            metrics_port.stop()
-        runner = getattr(app.state, "runner", None)
-        if runner is not None:
-            runner.close()
-        engine.dispose()
-
-    routes = [
+def app_routes() -> list[BaseRoute]:
+    """Every route of the app (services/api/openapi.py describes the JSON ones)."""
+    return [
         Route("/", report.home, name="home"),
         Route("/login", login.login_form, methods=["GET"], name="login"),
         Route("/login", login.login, methods=["POST"]),
@@ -92,6 +73,28 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/exports/{export_id}/delete-file", pages.delete_file, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """Build the app; reads the environment only when no settings are given."""
+    settings = settings or load_settings()
+    SigningKeys.from_settings(settings)  # a malformed or repeated key fails the start
+    logredact.install()  # access logs carry signed links: their signatures are redacted
+    engine = make_engine(settings.database_url)
+    downloads.declare_metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        metrics_port = health.MetricsPort(settings) if settings.metrics_port else None
+        yield
+        if metrics_port is not None:
+            metrics_port.stop()
+        runner = getattr(app.state, "runner", None)
+        if runner is not None:
+            runner.close()
+        engine.dispose()
+
+    routes = app_routes()
     middleware = [
         Middleware(SecurityHeadersMiddleware, hsts=settings.session_cookie_secure),
         Middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes),

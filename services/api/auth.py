@@ -25,6 +25,10 @@ from shared.identity import (
 )
 from shared.models import User
 
+#: Name of the session cookie (signed; holds the server-side session's random id and the CSRF
+#: token).
+SESSION_COOKIE = "oex_session"
+
 #: Form field and header that carry the CSRF token.
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "x-csrf-token"

@@ -7,7 +7,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
-from shared import errors
+from shared import errors, wire
 
 #: Domain error class -> HTTP status. The most specific class in an error's MRO wins.
 STATUS_BY_ERROR: dict[type[errors.OrdersExportError], int] = {
@@ -39,7 +39,9 @@ def status_for(exc: errors.OrdersExportError) -> int:
 
 
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, **extra}}
+    """The JSON error body (``wire.ErrorBody``); ``extra`` holds ``field`` and the like."""
+    detail = wire.ErrorDetail(code=code, message=message, **extra)
+    return wire.ErrorBody(error=detail).model_dump(mode="json", exclude_unset=True)
 
 
 def wants_html(request: Request) -> bool:

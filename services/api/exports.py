@@ -22,7 +22,7 @@ from services.api import byteranges, exportviews
 from services.api.auth import Caller, authenticated, login_redirect, require_caller
 from services.api.clients import client_address, public_origin
 from services.api.errors import error_body, wants_html
-from shared import downloads, exports, lifecycle
+from shared import downloads, exports, lifecycle, wire
 from shared.csvfile import inline_pool
 from shared.db import libpq_url, transaction
 from shared.errors import (
@@ -278,7 +278,9 @@ def _downloads(request: Request) -> dict[str, Any]:
         caller = require_caller(request, session)
         export_id = request.path_params["export_id"]
         job, _ = exports.get_for_management(session, export_id, caller.user)
-        return {"downloads": downloads.recent(session, job.id)}
+        return wire.DownloadList.model_validate(
+            {"downloads": downloads.recent(session, job.id)}
+        ).to_json()
 
 
 async def list_downloads(request: Request) -> Response:

@@ -1,52 +1,55 @@
-"""The OpenAPI 3.0 description of the JSON API, served at ``GET /openapi.json``.
+"""The OpenAPI 3.1 description of the JSON API, served at ``GET /openapi.json``, generated.
 
-Written by hand from the HTTP contract (README "HTTP API", docs/contract.md) and checked against
-the running app by the schemathesis tests (tests/integration/test_openapi.py): every response
-must match it.
+The schemas are the wire models' own (``shared/wire.py``, pydantic's ``model_json_schema``), the
+paths are the app's routes (``services/api/app.py``) that :data:`OPERATIONS` describes, and the
+error statuses of each operation come from the error -> status table (``services/api/errors.py``).
+The schemathesis tests (tests/integration/test_openapi.py) check the running app against it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
 
-from shared.columns import COLUMNS
-from shared.downloads import AUDIT_LIST_SIZE, Outcome
-from shared.export_options import COMPRESSIONS
-from shared.filters import MAX_Q_LENGTH, SORTS
-from shared.models import ORDER_CHANNELS, ORDER_STATUSES, ExportState
+from services.api import exports, health, report
+from services.api.auth import SESSION_COOKIE
+from services.api.errors import STATUS_BY_ERROR
+from shared import errors, wire
+from shared.exports import MAX_IDEMPOTENCY_KEY
+from shared.models import ORDER_CHANNELS, ORDER_STATUSES
 from shared.report import MAX_PAGE_SIZE
-from shared.support import Verdict
 
-_DATE = {"type": "string", "format": "date", "example": "2025-03-01"}
-_DECIMAL = {"type": "string", "pattern": r"^-?\d+(\.\d+)?$", "example": "125.50"}
-_TIMESTAMP = {"type": "string", "format": "date-time", "nullable": True}
+#: Where the schemas are referenced from.
+REF = "#/components/schemas/{model}"
+#: What each error status means to a client.
+MEANING = {
+    401: "not authenticated",
+    403: "not allowed (member, bad signature or CSRF)",
+    404: "unknown, or not visible to the caller",
+    409: "not possible in the current state",
+    410: "link or file expired",
+    413: "request body larger than MAX_REQUEST_BODY_BYTES (`body_too_large`)",
+    422: "invalid input; `field` names it",
+    429: "too many requests; see Retry-After",
+    503: "exports switched off, storage unreachable or the API overloaded",
+}
+#: Errors any authenticated API call may answer with.
+AUTH_ERRORS = (errors.Unauthenticated, errors.NotFound)
 
 
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": REF.format(model=model.__name__)}
 
 
-def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-
-def _errors(*statuses: int) -> dict[str, Any]:
-    meaning = {
-        401: "not authenticated",
-        403: "not allowed (member, bad signature or CSRF)",
-        404: "unknown, or not visible to the caller",
-        409: "not possible in the current state",
-        410: "link or file expired",
-        413: "request body larger than MAX_REQUEST_BODY_BYTES (`body_too_large`)",
-        416: "the range is not in the file; Content-Range: bytes */SIZE",
-        422: "invalid input; `field` names it",
-        429: "too many requests; see Retry-After",
-        503: "exports switched off",
-    }
-    return {str(status): _json(_ref("Error"), meaning[status]) for status in statuses}
+def _json(model: type[BaseModel], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(model)}}}
 
 
 def _header(description: str) -> dict[str, Any]:
@@ -70,6 +73,13 @@ def _file_content() -> dict[str, Any]:
 
 
 def _filter_parameters() -> list[dict[str, Any]]:
+    """The report's filters as query parameters, with the wire model's own field schemas."""
+    fields = wire.Filters.model_json_schema()["properties"]
+    empty = {"type": "string", "maxLength": 0}  # an empty value counts as not given
+    date = {"anyOf": [{"type": "string", "format": "date"}, empty]}
+    decimal = {"anyOf": [fields["min_total"]["anyOf"][0], empty]}
+    sort = fields["sort"]
+
     def query(name: str, schema: dict[str, Any], description: str, **extra: Any) -> dict[str, Any]:
         return {
             "name": name,
@@ -95,16 +105,12 @@ def _filter_parameters() -> list[dict[str, Any]]:
             style="form",
             explode=True,
         ),
-        query("placed_from", _DATE, "first day, inclusive, in the account timezone"),
-        query("placed_to", _DATE, "last day, inclusive, in the account timezone"),
-        query(
-            "q",
-            {"type": "string", "maxLength": MAX_Q_LENGTH},
-            "substring of number, customer name or email",
-        ),
-        query("min_total", _DECIMAL, "inclusive"),
-        query("max_total", _DECIMAL, "inclusive"),
-        query("sort", {"type": "string", "enum": list(SORTS)}, "order; ties broken by order id"),
+        query("placed_from", date, "first day, inclusive, in the account timezone"),
+        query("placed_to", date, "last day, inclusive, in the account timezone"),
+        query("q", fields["q"]["anyOf"][0], "substring of number, customer name or email"),
+        query("min_total", decimal, "inclusive"),
+        query("max_total", decimal, "inclusive"),
+        query("sort", sort, "order; ties broken by order id"),
     ]
 
 
@@ -126,398 +132,228 @@ def _path_export() -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class Operation:
+    """What the document says of one route's method."""
+
+    summary: str
+    #: Status -> (the body's model or None, what it means).
+    responses: dict[int, tuple[type[BaseModel] | None, str]]
+    #: The domain errors it may answer with (their statuses come from STATUS_BY_ERROR).
+    errors: tuple[type[errors.OrdersExportError], ...] = ()
+    parameters: Callable[[], list[dict[str, Any]]] = list
+    request: type[BaseModel] | None = None
+    public: bool = False
+    #: Responses that are not JSON models (files, redirects), as OpenAPI objects.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _idempotency_key() -> list[dict[str, Any]]:
+    return [
+        _path_slug(),
+        {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY},
+        },
+    ]
+
+
+def _report_parameters() -> list[dict[str, Any]]:
+    return [
+        _path_slug(),
+        *_filter_parameters(),
+        {
+            "name": "limit",
+            "in": "query",
+            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_SIZE},
+        },
+        {
+            "name": "cursor",
+            "in": "query",
+            "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]*$"},
+            "description": "the previous page's next_cursor (opaque)",
+        },
+    ]
+
+
+def _download_parameters() -> list[dict[str, Any]]:
+    return [
+        _path_export(),
+        {"name": "expires", "in": "query", "required": True, "schema": {"type": "string"}},
+        {"name": "signature", "in": "query", "required": True, "schema": {"type": "string"}},
+        {
+            "name": "Range",
+            "in": "header",
+            "schema": {"type": "string", "example": "bytes=1048576-"},
+            "description": "one range: bytes=A-B, bytes=A- or bytes=-N",
+        },
+        {
+            "name": "If-Range",
+            "in": "header",
+            "schema": {"type": "string"},
+            "description": "the ETag: the range is served only if it matches",
+        },
+    ]
+
+
+def _download_responses() -> dict[str, Any]:
+    return {
+        "200": {
+            "description": "the whole file",
+            "headers": _file_headers(),
+            "content": _file_content(),
+        },
+        "206": {
+            "description": "the one range asked for",
+            "headers": {**_file_headers(), "Content-Range": _header("bytes A-B/SIZE")},
+            "content": _file_content(),
+        },
+        "302": {
+            "description": "redirect mode (EXPORT_DOWNLOAD_REDIRECT_SECONDS > 0, S3 storage): a "
+            "presigned storage URL valid that many seconds",
+            "headers": {
+                "Location": _header("the presigned URL"),
+                "Cache-Control": _header("no-store"),
+            },
+        },
+        "416": {
+            **_json(wire.ErrorBody, "the range is not in the file"),
+            "headers": {"Content-Range": _header("bytes */SIZE")},
+        },
+    }
+
+
+_ENVELOPE = wire.ExportEnvelope
+_WRITE_ERRORS = (*AUTH_ERRORS, errors.Forbidden, errors.Conflict)
+
+#: The JSON routes the document describes, by their endpoint.
+OPERATIONS: dict[Callable[..., Any], Operation] = {
+    report.orders_api: Operation(
+        "One page of the orders report",
+        {200: (wire.ReportPage, "the page")},
+        (*AUTH_ERRORS, errors.ValidationError),
+        _report_parameters,
+    ),
+    exports.create_export: Operation(
+        "Request an export of the report with these filters",
+        {
+            200: (_ENVELOPE, "an identical export is in flight, or an idempotent replay"),
+            201: (_ENVELOPE, "small export, made in the request, ready"),
+            202: (_ENVELOPE, "queued for the workers"),
+        },
+        (
+            *_WRITE_ERRORS,
+            errors.BodyTooLarge,
+            errors.ValidationError,
+            errors.TooManyActiveExports,
+            errors.ExportsDisabled,
+        ),
+        _idempotency_key,
+        request=wire.ExportRequest,
+    ),
+    exports.list_exports: Operation(
+        "The account's exports, newest first",
+        {200: (wire.ExportList, "the exports")},
+        (*AUTH_ERRORS, errors.Forbidden),
+        lambda: [_path_slug()],
+    ),
+    exports.get_export: Operation(
+        "One export", {200: (_ENVELOPE, "the export")}, AUTH_ERRORS, lambda: [_path_export()]
+    ),
+    exports.retry_export: Operation(
+        "Queue a failed, canceled or expired export again",
+        {202: (_ENVELOPE, "queued")},
+        (*_WRITE_ERRORS, errors.TooManyActiveExports, errors.ExportsDisabled),
+        lambda: [_path_export()],
+    ),
+    exports.cancel_export: Operation(
+        "Cancel a queued or running export",
+        {202: (_ENVELOPE, "canceled")},
+        _WRITE_ERRORS,
+        lambda: [_path_export()],
+    ),
+    exports.delete_file: Operation(
+        "Delete a ready export's file now (the export becomes expired)",
+        {200: (_ENVELOPE, "deleted: the export, now expired")},
+        (*_WRITE_ERRORS, errors.StorageError),
+        lambda: [_path_export()],
+    ),
+    exports.list_downloads: Operation(
+        "Who tried to download the export, newest first (at most 500)",
+        {200: (wire.DownloadList, "the download attempts")},
+        (*AUTH_ERRORS, errors.Forbidden),
+        lambda: [_path_export()],
+    ),
+    exports.download: Operation(
+        "The file, through a signed link (resumable, verifiable)",
+        {},
+        (*AUTH_ERRORS, errors.Forbidden, errors.LinkExpired),
+        _download_parameters,
+        extra=_download_responses(),
+    ),
+    health.healthz: Operation(
+        "Process is up", {}, public=True, extra={"200": {"description": "up"}}
+    ),
+    health.readyz: Operation(
+        "Dependencies reachable",
+        {},
+        public=True,
+        extra={"200": {"description": "ready"}, "503": {"description": "not ready"}},
+    ),
+}
+
+
+def _operation(operation: Operation) -> dict[str, Any]:
+    responses: dict[str, Any] = {
+        str(status): {"description": description} if model is None else _json(model, description)
+        for status, (model, description) in operation.responses.items()
+    }
+    for status in sorted({STATUS_BY_ERROR[error] for error in operation.errors}):
+        responses[str(status)] = _json(wire.ErrorBody, MEANING[status])
+    responses.update(operation.extra)
+    body: dict[str, Any] = {
+        "summary": operation.summary,
+        "parameters": operation.parameters(),
+        "responses": dict(sorted(responses.items())),
+    }
+    if operation.request is not None:
+        body["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": _ref(operation.request)}},
+        }
+    if operation.public:
+        body["security"] = []
+        del body["parameters"]
+    return body
+
+
 def _schemas() -> dict[str, Any]:
-    filters = {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "status": {"type": "array", "items": {"type": "string", "enum": list(ORDER_STATUSES)}},
-            "channel": {"type": "array", "items": {"type": "string", "enum": list(ORDER_CHANNELS)}},
-            "placed_from": {**_DATE, "nullable": True},
-            "placed_to": {**_DATE, "nullable": True},
-            "q": {"type": "string", "maxLength": MAX_Q_LENGTH, "nullable": True},
-            "min_total": {**_DECIMAL, "nullable": True},
-            "max_total": {**_DECIMAL, "nullable": True},
-            "sort": {"type": "string", "enum": list(SORTS)},
-        },
-    }
-    export = {
-        "type": "object",
-        "required": [
-            "id",
-            "account",
-            "state",
-            "filters",
-            "row_count",
-            "progress",
-            "attempts",
-            "created_at",
-            "started_at",
-            "finished_at",
-            "expires_at",
-            "error",
-            "download_url",
-            "file",
-            "verdict",
-            "options",
-            "deleted",
-        ],
-        "properties": {
-            "id": {"type": "string", "format": "uuid"},
-            "account": {"type": "string"},
-            "state": {"type": "string", "enum": [s.value for s in ExportState]},
-            "filters": filters,
-            "row_count": {"type": "integer", "nullable": True},
-            "progress": {
-                "type": "object",
-                "required": ["rows_written", "rows_estimate", "percent"],
-                "properties": {
-                    "rows_written": {"type": "integer"},
-                    "rows_estimate": {"type": "integer", "nullable": True},
-                    "percent": {"type": "number", "nullable": True},
-                },
-            },
-            "attempts": {"type": "integer"},
-            "created_at": {"type": "string", "format": "date-time"},
-            "started_at": _TIMESTAMP,
-            "finished_at": _TIMESTAMP,
-            "expires_at": _TIMESTAMP,
-            "error": {
-                "type": "object",
-                "nullable": True,
-                "required": ["code", "message", "retryable"],
-                "properties": {
-                    "code": {"type": "string"},
-                    "message": {"type": "string"},
-                    "retryable": {"type": "boolean"},
-                },
-            },
-            "download_url": {"type": "string", "nullable": True},
-            "file": {
-                "type": "object",
-                "nullable": True,
-                "required": ["name", "size_bytes", "sha256"],
-                "properties": {
-                    "name": {"type": "string"},
-                    "size_bytes": {"type": "integer"},
-                    "sha256": {"type": "string"},
-                },
-            },
-            "verdict": {"type": "string", "enum": [v.value for v in Verdict]},
-            "options": {
-                "type": "object",
-                "required": ["utf8_bom", "compression"],
-                "properties": {
-                    "utf8_bom": {"type": "boolean"},
-                    "compression": {"type": "string", "enum": list(COMPRESSIONS)},
-                },
-            },
-            "deleted": {
-                "type": "object",
-                "nullable": True,
-                "description": "set when an admin (or support) deleted the file before expiry",
-                "required": ["at", "by"],
-                "properties": {
-                    "at": {"type": "string", "format": "date-time"},
-                    "by": {"type": "string", "description": "the name of who deleted it"},
-                },
-            },
-        },
-    }
-    download = {
-        "type": "object",
-        "required": ["at", "user", "outcome", "client_ip", "bytes", "redirect"],
-        "properties": {
-            "at": {"type": "string", "format": "date-time"},
-            "user": {
-                "type": "object",
-                "nullable": True,
-                "required": ["id", "email"],
-                "properties": {"id": {"type": "integer"}, "email": {"type": "string"}},
-            },
-            "outcome": {"type": "string", "enum": [o.value for o in Outcome]},
-            "client_ip": {"type": "string", "nullable": True},
-            "bytes": {
-                "type": "string",
-                "nullable": True,
-                "pattern": r"^\d+-\d+$",
-                "description": "the range served (inclusive offsets) when the request was ranged",
-            },
-            "redirect": {
-                "type": "boolean",
-                "description": "answered with a 302 to storage (EXPORT_DOWNLOAD_REDIRECT_SECONDS)",
-            },
-        },
-    }
-    return {
-        "Error": {
-            "type": "object",
-            "required": ["error"],
-            "properties": {
-                "error": {
-                    "type": "object",
-                    "required": ["code", "message"],
-                    "properties": {
-                        "code": {"type": "string"},
-                        "message": {"type": "string"},
-                        "field": {"type": "string"},
-                    },
-                }
-            },
-        },
-        "ReportPage": {
-            "type": "object",
-            "required": ["columns", "rows", "next_cursor"],
-            "properties": {
-                "columns": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["key", "label"],
-                        "properties": {"key": {"type": "string"}, "label": {"type": "string"}},
-                    },
-                },
-                "rows": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": [c.key for c in COLUMNS],
-                        "properties": {c.key: {"type": "string"} for c in COLUMNS},
-                    },
-                },
-                "next_cursor": {"type": "string", "nullable": True},
-            },
-        },
-        "Filters": filters,
-        "Export": export,
-        "ExportEnvelope": {
-            "type": "object",
-            "required": ["export"],
-            "properties": {"export": _ref("Export")},
-        },
-        "ExportList": {
-            "type": "object",
-            "required": ["exports"],
-            "properties": {"exports": {"type": "array", "items": _ref("Export")}},
-        },
-        "DownloadList": {
-            "type": "object",
-            "required": ["downloads"],
-            "properties": {
-                "downloads": {
-                    "type": "array",
-                    "maxItems": AUDIT_LIST_SIZE,
-                    "items": download,
-                }
-            },
-        },
-        "ExportRequest": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "filters": _ref("Filters"),
-                "options": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {
-                        "utf8_bom": {"type": "boolean"},
-                        "compression": {"type": "string", "enum": list(COMPRESSIONS)},
-                    },
-                },
-            },
-        },
-    }
+    _, top = models_json_schema(
+        [(model, "serialization") for model in wire.MODELS], ref_template=REF
+    )
+    return dict(sorted(top["$defs"].items()))
 
 
-def document() -> dict[str, Any]:
-    """The whole OpenAPI document."""
-    envelope = _ref("ExportEnvelope")
+def document(routes: Iterable[BaseRoute]) -> dict[str, Any]:
+    """The whole OpenAPI document of the app with these routes."""
+    paths: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        if not isinstance(route, Route) or route.endpoint not in OPERATIONS:
+            continue
+        for method in sorted((route.methods or set()) - {"HEAD"}):
+            paths.setdefault(route.path, {})[method.lower()] = _operation(
+                OPERATIONS[route.endpoint]
+            )
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {
             "title": "orders-export",
             "version": "1",
-            "description": "Orders report and CSV exports.",
+            "description": "Orders report and CSV exports (docs/contract.md).",
         },
         "security": [{"bearer": []}, {"session": []}],
-        "paths": {
-            "/api/v1/accounts/{slug}/orders": {
-                "get": {
-                    "summary": "One page of the orders report",
-                    "parameters": [
-                        _path_slug(),
-                        *_filter_parameters(),
-                        {
-                            "name": "limit",
-                            "in": "query",
-                            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_SIZE},
-                        },
-                        {"name": "cursor", "in": "query", "schema": {"type": "string"}},
-                    ],
-                    "responses": {
-                        "200": _json(_ref("ReportPage"), "the page"),
-                        **_errors(401, 404, 422),
-                    },
-                }
-            },
-            "/api/v1/accounts/{slug}/order-exports": {
-                "post": {
-                    "summary": "Request an export of the report with these filters",
-                    "parameters": [
-                        _path_slug(),
-                        {
-                            "name": "Idempotency-Key",
-                            "in": "header",
-                            "schema": {"type": "string", "minLength": 1, "maxLength": 200},
-                        },
-                    ],
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": _ref("ExportRequest")}},
-                    },
-                    "responses": {
-                        "200": _json(
-                            envelope, "an identical export is in flight, or an idempotent replay"
-                        ),
-                        "201": _json(envelope, "small export, made in the request, ready"),
-                        "202": _json(envelope, "queued for the workers"),
-                        **_errors(401, 403, 404, 409, 413, 422, 429, 503),
-                    },
-                },
-                "get": {
-                    "summary": "The account's exports, newest first",
-                    "parameters": [_path_slug()],
-                    "responses": {
-                        "200": _json(_ref("ExportList"), "the exports"),
-                        **_errors(401, 403, 404),
-                    },
-                },
-            },
-            "/api/v1/order-exports/{export_id}": {
-                "get": {
-                    "summary": "One export",
-                    "parameters": [_path_export()],
-                    "responses": {"200": _json(envelope, "the export"), **_errors(401, 404)},
-                }
-            },
-            "/api/v1/order-exports/{export_id}/retry": {
-                "post": {
-                    "summary": "Queue a failed, canceled or expired export again",
-                    "parameters": [_path_export()],
-                    "responses": {
-                        "202": _json(envelope, "queued"),
-                        **_errors(401, 403, 404, 409, 429, 503),
-                    },
-                }
-            },
-            "/api/v1/order-exports/{export_id}/cancel": {
-                "post": {
-                    "summary": "Cancel a queued or running export",
-                    "parameters": [_path_export()],
-                    "responses": {
-                        "202": _json(envelope, "canceled"),
-                        **_errors(401, 403, 404, 409),
-                    },
-                }
-            },
-            "/api/v1/order-exports/{export_id}/file": {
-                "delete": {
-                    "summary": "Delete a ready export's file now (the export becomes expired)",
-                    "parameters": [_path_export()],
-                    "responses": {
-                        "200": _json(envelope, "deleted: the export, now expired"),
-                        **_errors(401, 403, 404, 409, 503),
-                    },
-                }
-            },
-            "/api/v1/order-exports/{export_id}/downloads": {
-                "get": {
-                    "summary": "Who tried to download the export, newest first (at most 500)",
-                    "parameters": [_path_export()],
-                    "responses": {
-                        "200": _json(_ref("DownloadList"), "the download attempts"),
-                        **_errors(401, 403, 404),
-                    },
-                }
-            },
-            "/exports/{export_id}/download": {
-                "get": {
-                    "summary": "The file, through a signed link (resumable, verifiable)",
-                    "parameters": [
-                        _path_export(),
-                        {
-                            "name": "expires",
-                            "in": "query",
-                            "required": True,
-                            "schema": {"type": "string"},
-                        },
-                        {
-                            "name": "signature",
-                            "in": "query",
-                            "required": True,
-                            "schema": {"type": "string"},
-                        },
-                        {
-                            "name": "Range",
-                            "in": "header",
-                            "schema": {"type": "string", "example": "bytes=1048576-"},
-                            "description": "one range: bytes=A-B, bytes=A- or bytes=-N",
-                        },
-                        {
-                            "name": "If-Range",
-                            "in": "header",
-                            "schema": {"type": "string"},
-                            "description": "the ETag: the range is served only if it matches",
-                        },
-                    ],
-                    "responses": {
-                        "200": {
-                            "description": "the whole file",
-                            "headers": _file_headers(),
-                            "content": _file_content(),
-                        },
-                        "206": {
-                            "description": "the one range asked for",
-                            "headers": {
-                                **_file_headers(),
-                                "Content-Range": _header("bytes A-B/SIZE"),
-                            },
-                            "content": _file_content(),
-                        },
-                        "302": {
-                            "description": "redirect mode (EXPORT_DOWNLOAD_REDIRECT_SECONDS > 0, "
-                            "S3 storage): a presigned storage URL valid that many seconds",
-                            "headers": {
-                                "Location": _header("the presigned URL"),
-                                "Cache-Control": _header("no-store"),
-                            },
-                        },
-                        **_errors(401, 403, 404, 410),
-                        "416": {
-                            **_json(_ref("Error"), "the range is not in the file"),
-                            "headers": {"Content-Range": _header("bytes */SIZE")},
-                        },
-                    },
-                }
-            },
-            "/healthz": {
-                "get": {
-                    "summary": "Process is up",
-                    "security": [],
-                    "responses": {"200": {"description": "up"}},
-                }
-            },
-            "/readyz": {
-                "get": {
-                    "summary": "Dependencies reachable",
-                    "security": [],
-                    "responses": {
-                        "200": {"description": "ready"},
-                        "503": {"description": "not ready"},
-                    },
-                }
-            },
-        },
+        "paths": paths,
         "components": {
             "securitySchemes": {
                 "bearer": {
@@ -528,7 +364,7 @@ def document() -> dict[str, Any]:
                 "session": {
                     "type": "apiKey",
                     "in": "cookie",
-                    "name": "oex_session",
+                    "name": SESSION_COOKIE,
                     "description": "after POST /login; writes need X-CSRF-Token",
                 },
             },
@@ -538,4 +374,4 @@ def document() -> dict[str, Any]:
 
 
 async def openapi_json(request: Request) -> Response:
-    return JSONResponse(document())
+    return JSONResponse(document(request.app.routes))

@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 
 from services.api import exportviews
 from services.api.auth import Caller, csrf_token, identify, login_redirect, require_caller
+from shared import wire
 from shared.access import account_for, accounts_of
 from shared.columns import COLUMNS, Kind
 from shared.errors import ValidationError
@@ -66,9 +67,10 @@ async def orders_api(request: Request) -> Response:
     _, _, _, page = await run_in_threadpool(
         _report, request, caller, request.path_params["slug"], raw
     )
-    return JSONResponse(
+    body = wire.ReportPage.model_validate(
         {"columns": page.columns, "rows": page.rows, "next_cursor": page.next_cursor}
     )
+    return JSONResponse(body.to_json())
 
 
 def _sort_query(pairs: list[tuple[str, str]], sort: str) -> str:
