@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.errors import ValidationError
 from shared.models import FeatureFlag
+from shared.settings import parse_flag
 
 #: Known switches and their value when no row exists.
 DEFAULTS: dict[str, bool] = {"exports_enabled": True, "workers_paused": False}
@@ -19,12 +20,11 @@ CACHE_SECONDS = 2.0
 
 
 def parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("true", "1", "yes", "on"):
-        return True
-    if lowered in ("false", "0", "no", "off"):
-        return False
-    raise ValidationError("value", "expected true or false")
+    """A switch's new value, in the settings' true/false vocabulary."""
+    flag = parse_flag(text)
+    if flag is None:
+        raise ValidationError("value", "expected true or false")
+    return flag
 
 
 def set_flag(session: Session, name: str, enabled: bool) -> None:

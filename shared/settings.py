@@ -6,11 +6,16 @@ Everything else receives a :class:`Settings` instance; tests build one directly.
 from __future__ import annotations
 
 import ipaddress
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from shared.smtp import SmtpTarget
+    from shared.storage import Storage
 
 #: Above this many rows an export runs as a background job (rows).
 DEFAULT_ASYNC_THRESHOLD_ROWS = 10_000
@@ -28,6 +33,36 @@ MAX_STATEMENT_TIMEOUT_SECONDS = 4 * 3600
 MAX_SHUTDOWN_GRACE_SECONDS = 20
 #: Queued + running exports one user may have at once.
 DEFAULT_MAX_ACTIVE_PER_USER = 5
+
+
+#: The one true/false vocabulary: settings, rollout switches, SMTP_URL's and STORAGE_URL's flags.
+TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
+FALSE_WORDS = frozenset({"false", "0", "no", "off"})
+#: What is said of any other word.
+FLAG_PROBLEM = "expected true or false (or yes/no, on/off, 1/0)"
+
+
+def parse_flag(text: str) -> bool | None:
+    """True or False for a word of the vocabulary (any case, spaces around), else None."""
+    word = text.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    return None
+
+
+def _flag(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    flag = parse_flag(value) if isinstance(value, str) else None
+    if flag is None:
+        raise ValueError(FLAG_PROBLEM)
+    return flag
+
+
+#: A true/false setting, in :data:`TRUE_WORDS` / :data:`FALSE_WORDS`.
+Flag = Annotated[bool, BeforeValidator(_flag)]
 
 
 class Settings(BaseSettings):
@@ -84,7 +119,7 @@ class Settings(BaseSettings):
     download_signing_keys: str | None = None
     #: While DOWNLOAD_SIGNING_KEYS is set, still accept links signed by the key derived from
     #: SECRET_KEY (kid ``k0``, verify-only); turn off once those links have expired.
-    download_signing_keep_derived: bool = True
+    download_signing_keep_derived: Flag = True
     #: Days the download audit trail (``download_attempts``) is kept.
     audit_retention_days: int = Field(400, ge=1)
     #: Kafka consumer session timeout (ms); lower it locally so restarts rejoin quickly.
@@ -103,7 +138,7 @@ class Settings(BaseSettings):
     prometheus_multiproc_dir: str | None = None
 
     #: Send the session cookie only over HTTPS (turn on behind TLS).
-    session_cookie_secure: bool = False
+    session_cookie_secure: Flag = False
     #: A browser session unused for this long ends (seconds, 8 hours).
     session_idle_seconds: int = Field(28_800, ge=60)
     #: Every browser session ends this long after login, however active (seconds, 14 days).
@@ -133,6 +168,50 @@ class Settings(BaseSettings):
         except ConfigurationError as exc:
             raise ValueError(exc.message) from None
         return self
+
+    @field_validator("smtp_url")
+    @classmethod
+    def _smtp_target(cls, value: str | None) -> str | None:
+        from shared.smtp import parse_smtp_url
+
+        if value:
+            try:
+                parse_smtp_url(value)
+            except ConfigurationError as exc:
+                raise ValueError(exc.message) from None
+        return value
+
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_target(cls, value: str | None) -> str | None:
+        from shared.storage import storage_from_url
+
+        if value:
+            try:
+                storage_from_url(value)  # builds the adapter only: nothing is contacted
+            except ConfigurationError as exc:
+                raise ValueError(exc.message) from None
+        return value
+
+    @property
+    def smtp_target(self) -> SmtpTarget | None:
+        """SMTP_URL, parsed (validated when the settings were loaded)."""
+        from shared.smtp import parse_smtp_url
+
+        return parse_smtp_url(self.smtp_url) if self.smtp_url else None
+
+    @property
+    def storage_target(self) -> Storage | None:
+        """The storage adapter STORAGE_URL names (validated when the settings were loaded)."""
+        from shared.storage import lifecycle_days, storage_from_url
+
+        if not self.storage_url:
+            return None
+        return storage_from_url(
+            self.storage_url,
+            part_size_mib=self.storage_part_size_mib,
+            expire_days=lifecycle_days(self.export_file_ttl_seconds),
+        )
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -165,8 +244,11 @@ def load_settings() -> Settings:
         problems = []
         for error in exc.errors():
             name = ".".join(str(part) for part in error["loc"]).upper()
+            cause = (error.get("ctx") or {}).get("error")
             if error["type"] == "missing":
                 problems.append(f"missing required setting {name}")
+            elif isinstance(cause, ValueError) and str(cause).startswith("invalid setting "):
+                problems.append(str(cause))  # our own parser's words, naming the variable
             else:
                 problems.append(f"invalid setting {name}: {error['msg']}")
         raise ConfigurationError("; ".join(problems)) from None

@@ -16,6 +16,7 @@ from typing import Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from shared.errors import ConfigurationError
+from shared.settings import parse_flag
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,6 @@ _SMTP_URL_PROBLEM = (
     "invalid setting SMTP_URL: expected smtp://[user:password@]host[:port][?starttls=true] "
     "or smtps://[user:password@]host[:port]"
 )
-_TRUE = ("true", "1", "yes", "on")
-_FALSE = ("false", "0", "no", "off", "")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,11 +65,10 @@ def parse_smtp_url(url: str) -> SmtpTarget:
     starttls_values = query.pop("starttls", ["false"])
     if query or len(starttls_values) != 1:
         raise ConfigurationError(_SMTP_URL_PROBLEM)
-    flag = starttls_values[0].lower()
-    if flag not in _TRUE + _FALSE:
+    starttls = parse_flag(starttls_values[0])
+    if starttls is None:
         raise ConfigurationError(_SMTP_URL_PROBLEM)
     use_ssl = parts.scheme == "smtps"
-    starttls = flag in _TRUE
     if use_ssl and starttls:
         raise ConfigurationError(
             "invalid setting SMTP_URL: smtps:// and starttls exclude each other"

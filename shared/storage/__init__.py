@@ -15,6 +15,7 @@ from typing import BinaryIO, Protocol
 from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 from shared.errors import ConfigurationError
+from shared.settings import parse_flag
 
 __all__ = [
     "CHUNK_BYTES",
@@ -41,8 +42,6 @@ _KEY_SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _EXPORT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _URL_HELP = "expected file:///absolute/path or s3://ACCESS:SECRET@host:port/bucket"
-_TRUE = frozenset({"true", "1", "yes", "on"})
-_FALSE = frozenset({"false", "0", "no", "off"})
 
 
 class Storage(Protocol):
@@ -184,11 +183,8 @@ def _s3_from_url(parts: SplitResult, *, part_size_mib: int, expire_days: int) ->
             raise _invalid("a query parameter is repeated")
         seen.add(name)
         if name == "secure":
-            if value.lower() in _TRUE:
-                secure = True
-            elif value.lower() in _FALSE:
-                secure = False
-            else:
+            secure = parse_flag(value)
+            if secure is None:
                 raise _invalid("secure must be true or false")
         elif name == "region":
             if not re.fullmatch(r"[a-z0-9-]{1,64}", value):
