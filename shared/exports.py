@@ -7,24 +7,30 @@ the call, validate with the report's own filter code, and write job + outbox row
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import hashlib
 import json
+import logging
 import math
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from shared import lifecycle, support, wire
 from shared.access import account_for, export_for
 from shared.columns import COLUMN_SET_VERSION
+from shared.db import transaction
 from shared.errors import (
     Conflict,
     ExportsDisabled,
     Forbidden,
+    InlineExportFailed,
     NotFound,
+    OrdersExportError,
     TooManyActiveExports,
     TooManyInlineExports,
     TooManyRows,
@@ -35,9 +41,12 @@ from shared.filters import OrderFilters, parse_filter_object
 from shared.flags import FlagCache
 from shared.models import Account, ErrorClass, ExportJob, ExportState, Role, User
 from shared.report import count_rows, estimate_rows
+from shared.runner import ExportRunner, Outcome
 from shared.settings import Settings
 from shared.signing import SigningKeys, download_path
 from shared.storage import Storage
+
+log = logging.getLogger(__name__)
 
 #: Seconds a client should wait before asking again after hitting the active-export cap.
 ACTIVE_CAP_RETRY_AFTER = 30
@@ -50,13 +59,21 @@ COUNT_BUDGET = 100_000
 SUPPORT_NAME = "support"
 
 
+class Disposition(enum.Enum):
+    """What became of an export request (the API tells it by its status: 200, 201, 202)."""
+
+    IN_FLIGHT = "in_flight"  # an identical export is already in flight, or an idempotent replay
+    MADE = "made"  # small: made inside the request, ready to download
+    QUEUED = "queued"  # for the workers: big, or small but hit by a transient failure
+
+
 @dataclass(frozen=True)
 class Requested:
     """The outcome of an export request."""
 
     job: ExportJob
-    #: "created" (new job), "existing" (duplicate in flight or idempotent replay)
-    disposition: str
+    #: IN_FLIGHT (a duplicate in flight or an idempotent replay) or QUEUED (a new job)
+    disposition: Disposition
     #: True when the job should be generated inside this request (small export).
     inline: bool
 
@@ -193,7 +210,7 @@ def request_export(
     session.execute(select(User.id).where(User.id == user.id).with_for_update())
     existing = _existing(session, user, account, digest, idempotency_key)
     if existing is not None:
-        return Requested(existing, "existing", inline=False)
+        return Requested(existing, Disposition.IN_FLIGHT, inline=False)
     _check_active_cap(session, settings=settings, user=user)
 
     threshold = settings.export_async_threshold_rows
@@ -228,8 +245,37 @@ def request_export(
         existing = _existing(session, user, account, digest, idempotency_key)
         if existing is None:
             raise
-        return Requested(existing, "existing", inline=False)
-    return Requested(job, "created", inline=inline)
+        return Requested(existing, Disposition.IN_FLIGHT, inline=False)
+    return Requested(job, Disposition.QUEUED, inline=inline)
+
+
+def make_small_export(
+    sessions: sessionmaker[Session], runner: ExportRunner, job_id: uuid.UUID
+) -> Disposition:
+    """Make a small export now, inside the request: MADE when ready, QUEUED when a transient
+    failure handed it to the workers; a final failure (or the database going away meanwhile)
+    raises :class:`InlineExportFailed` with the safe reason."""
+    try:
+        result = runner.run(job_id, inline=True)
+        if result.outcome is Outcome.RETRY:  # e.g. a storage blip: let the workers finish it
+            with transaction(sessions) as session:
+                lifecycle.send_to_workers(session, session.get_one(ExportJob, job_id))
+            return Disposition.QUEUED
+        if result.outcome is not Outcome.FAILED:
+            return Disposition.MADE
+        with sessions() as session:
+            failed = session.get_one(ExportJob, job_id)
+            reason, message = failed.error_code, failed.error_message
+    except OrdersExportError:
+        raise
+    except Exception as exc:  # the database (or storage) went away in the middle
+        log.warning("inline export %s: %s", job_id, type(exc).__name__)
+        reason, message = "unavailable", None
+    raise InlineExportFailed(
+        message or "The export could not be made right now. Please try again in a few minutes.",
+        export_id=str(job_id),
+        reason=reason,
+    )
 
 
 def get_for_admin(session: Session, export_id: str, user: User) -> tuple[ExportJob, Account]:

@@ -22,20 +22,19 @@ from services.api import byteranges, exportviews
 from services.api.auth import Caller, authenticated, login_redirect, require_caller
 from services.api.clients import client_address, public_origin
 from services.api.errors import error_body, wants_html
-from shared import downloads, exports, lifecycle, wire
+from shared import downloads, exports, wire
 from shared.csvfile import inline_pool
-from shared.db import libpq_url, transaction
+from shared.db import libpq_url
 from shared.errors import (
     BadSignature,
     FileExpired,
-    InlineExportFailed,
     LinkExpired,
     OrdersExportError,
     Unauthenticated,
     ValidationError,
 )
 from shared.models import Account, ExportJob
-from shared.runner import ExportRunner, Outcome
+from shared.runner import ExportRunner
 from shared.signing import SigningKeys
 from shared.storage import Storage, lifecycle_days, storage_from_url
 
@@ -112,6 +111,14 @@ async def _json_body(request: Request) -> object:
         raise ValidationError("body", "JSON nested too deeply") from None
 
 
+#: The HTTP status of each export request disposition.
+STATUSES = {
+    exports.Disposition.IN_FLIGHT: 200,
+    exports.Disposition.MADE: 201,
+    exports.Disposition.QUEUED: 202,
+}
+
+
 @dataclass(frozen=True)
 class Created:
     """An export request's outcome: the export and the HTTP status that tells what happened."""
@@ -145,38 +152,13 @@ def create(
                 idempotency_key=idempotency_key,
             )
             job_id, account = requested.job.id, session.get_one(Account, requested.job.account_id)
-        if requested.disposition == "existing":
-            return Created(requested.job, account, caller, 200)
-        status = _run_inline(app, job_id, account, caller) if requested.inline else 202
+        disposition = requested.disposition
+        if disposition is exports.Disposition.IN_FLIGHT:
+            return Created(requested.job, account, caller, STATUSES[disposition])
+        if requested.inline:
+            disposition = exports.make_small_export(app.state.sessions, runner_of(app), job_id)
         job = session.get_one(ExportJob, job_id, populate_existing=True)
-        return Created(job, account, caller, status)
-
-
-def _run_inline(app: Starlette, job_id: Any, account: Account, caller: Caller) -> int:
-    """Make a small export now: 201 ready, 202 handed to the workers after a transient failure;
-    a final failure (or the database going away meanwhile) is a clean 503 JSON error."""
-    try:
-        result = runner_of(app).run(job_id, inline=True)
-        if result.outcome is Outcome.RETRY:  # e.g. storage blip: let the workers finish it
-            with transaction(app.state.sessions) as retry_session:
-                job = retry_session.get_one(ExportJob, job_id)
-                lifecycle.send_to_workers(retry_session, job)
-            return 202
-        if result.outcome is not Outcome.FAILED:
-            return 201
-        with app.state.sessions() as session:
-            failed = session.get_one(ExportJob, job_id)
-            reason, message = failed.error_code, failed.error_message
-    except OrdersExportError:
-        raise
-    except Exception as exc:  # the database (or storage) went away in the middle
-        log.warning("inline export %s: %s", job_id, type(exc).__name__)
-        reason, message = "unavailable", None
-    raise InlineExportFailed(
-        message or "The export could not be made right now. Please try again in a few minutes.",
-        export_id=str(job_id),
-        reason=reason,
-    )
+        return Created(job, account, caller, STATUSES[disposition])
 
 
 def _create(
