@@ -14,8 +14,8 @@ import httpx2
 import pytest
 from playwright.sync_api import Dialog, Page, expect
 
-from tests.browser.test_export_ui import guarded, report_rows
 from tests.e2e.harness import LiveStack
+from tests.support.reports import guarded, report_rows
 
 pytestmark = pytest.mark.browser
 

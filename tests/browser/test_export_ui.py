@@ -7,10 +7,8 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import time
-import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import httpx2
@@ -21,6 +19,7 @@ from shared.db import make_engine, make_sessionmaker, transaction
 from shared.flags import CACHE_SECONDS, set_flag
 from shared.signing import SigningKeys, download_path
 from tests.e2e.harness import LiveStack
+from tests.support.reports import guarded, report_rows
 
 pytestmark = pytest.mark.browser
 
@@ -30,8 +29,6 @@ ORDERS = 30_000
 STACK_ENV = {"EXPORT_MAX_BYTES_PER_SECOND": "1500000"}
 ADMIN = ("admin@acme.test", "admin-password")
 MEMBER = ("member@acme.test", "member-password")
-#: CSV columns that hold text (the formula guard applies to them only).
-TEXT_COLUMNS = {0, 2, 3, 4, 5, 11}
 #: Longest wait for an export to change state (milliseconds).
 STATE_TIMEOUT_MS = 60_000
 
@@ -75,41 +72,6 @@ def click_export(page: Page) -> Locator:
     expect(page.locator("#export-message")).to_contain_text("Export requested")
     export_id = page.locator("#export-list li.export").first.get_attribute("data-id")
     return page.locator(f"#export-{export_id}")
-
-
-def report_rows(api: httpx2.Client, filters: dict[str, Any]) -> list[list[str]]:
-    rows: list[list[str]] = []
-    cursor = None
-    while True:
-        params = {**filters, "limit": 1000, **({"cursor": cursor} if cursor else {})}
-        body = api.get("/api/v1/accounts/acme/orders", params=params).json()
-        if not rows:
-            rows.append([c["label"] for c in body["columns"]])
-        rows.extend([row[c["key"]] for c in body["columns"]] for row in body["rows"])
-        cursor = body["next_cursor"]
-        if cursor is None:
-            return rows
-
-
-#: Formula triggers, full-width forms included; an independent copy of the product's rule.
-TRIGGERS = ("=", "+", "-", "@", "\t", "\r", "\uff1d", "\uff0b", "\uff0d", "\uff20")
-
-
-def first_visible(value: str) -> str:
-    """The first character after Unicode White_Space (Zs, Zl, Zp, TAB..CR, NEL) and format
-    (Cf) characters, which a spreadsheet may trim on import."""
-    for ch in value:
-        hidden = unicodedata.category(ch) in ("Zs", "Zl", "Zp", "Cf") or ch in "\t\n\x0b\x0c\r\x85"
-        if not hidden:
-            return ch
-    return ""
-
-
-def guarded(row: list[str]) -> list[str]:
-    return [
-        "'" + v if i in TEXT_COLUMNS and (v[:1] in TRIGGERS or first_visible(v) in TRIGGERS) else v
-        for i, v in enumerate(row)
-    ]
 
 
 def test_admin_exports_the_applied_filters_and_watches_it_live(

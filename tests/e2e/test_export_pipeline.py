@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import io
 import time
-import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,12 +16,12 @@ import httpx2
 import pytest
 
 from tests.e2e.harness import S3_KEYS, LiveStack, body_text, link_in, wait_for
+from tests.support.reports import guarded, report_rows
 
 pytestmark = pytest.mark.e2e
 
 #: Demo orders in the account; exports below select 5,000 to 50,000 of them.
 ORDERS = 55_000
-TEXT_COLUMNS = {0, 2, 3, 4, 5, 11}
 
 
 @pytest.fixture(scope="module")
@@ -65,43 +64,6 @@ def wait_state(
         timeout=timeout,
         what=f"{export_id} {state}",
     )
-
-
-def report(api: httpx2.Client, filters: dict[str, Any]) -> list[list[str]]:
-    rows: list[list[str]] = []
-    cursor = None
-    while True:
-        body = api.get(
-            "/api/v1/accounts/acme/orders",
-            params={**filters, "limit": 1000, **({"cursor": cursor} if cursor else {})},
-        ).json()
-        if not rows:
-            rows.append([c["label"] for c in body["columns"]])
-        rows.extend([row[c["key"]] for c in body["columns"]] for row in body["rows"])
-        cursor = body["next_cursor"]
-        if cursor is None:
-            return rows
-
-
-#: Formula triggers, full-width forms included; an independent copy of the product's rule.
-TRIGGERS = ("=", "+", "-", "@", "\t", "\r", "\uff1d", "\uff0b", "\uff0d", "\uff20")
-
-
-def first_visible(value: str) -> str:
-    """The first character after Unicode White_Space (Zs, Zl, Zp, TAB..CR, NEL) and format
-    (Cf) characters, which a spreadsheet may trim on import."""
-    for ch in value:
-        hidden = unicodedata.category(ch) in ("Zs", "Zl", "Zp", "Cf") or ch in "\t\n\x0b\x0c\r\x85"
-        if not hidden:
-            return ch
-    return ""
-
-
-def guarded(row: list[str]) -> list[str]:
-    return [
-        "'" + v if i in TEXT_COLUMNS and (v[:1] in TRIGGERS or first_visible(v) in TRIGGERS) else v
-        for i, v in enumerate(row)
-    ]
 
 
 def objects_under(stack: LiveStack, export_id: str) -> list[str]:
@@ -148,7 +110,7 @@ def test_admin_export_runs_in_background_emails_and_downloads(
     file = api.get(link)
     assert file.status_code == 200 and file.headers["content-type"] == "text/csv; charset=utf-8"
     rows = list(csv.reader(io.StringIO(file.text, newline="")))
-    expected = report(api, filters)
+    expected = report_rows(api, filters)
     assert rows[0] == expected[0]
     assert rows[1:] == [guarded(r) for r in expected[1:]]
     assert len(objects_under(stack, export["id"])) == 1

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
-import unicodedata
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +36,7 @@ from shared.models import DownloadAttempt, ExportJob, OutboxMessage, Role
 from shared.runner import ExportRunner, Outcome
 from shared.settings import Settings
 from tests.integration.reportdata import Population, populate
+from tests.support.reports import guarded, report_rows
 
 THRESHOLD = 200
 
@@ -90,41 +90,6 @@ def post_export(
     )
 
 
-def report_rows(
-    client: TestClient, population: Population, filters: dict[str, Any]
-) -> list[list[str]]:
-    rows: list[list[str]] = []
-    cursor = None
-    while True:
-        params = {**filters, "limit": 1000, **({"cursor": cursor} if cursor else {})}
-        body = client.get(
-            "/api/v1/accounts/acme/orders", params=params, headers=bearer(population)
-        ).json()
-        header = [c["label"] for c in body["columns"]]
-        rows.extend([row[c["key"]] for c in body["columns"]] for row in body["rows"])
-        cursor = body["next_cursor"]
-        if cursor is None:
-            return [header, *rows]
-
-
-#: Formula triggers, full-width forms included; an independent copy of the product's rule.
-TRIGGERS = ("=", "+", "-", "@", "\t", "\r", "\uff1d", "\uff0b", "\uff0d", "\uff20")
-
-
-def first_visible(value: str) -> str:
-    """The first character after Unicode White_Space (Zs, Zl, Zp, TAB..CR, NEL) and format
-    (Cf) characters, which a spreadsheet may trim on import."""
-    for ch in value:
-        hidden = unicodedata.category(ch) in ("Zs", "Zl", "Zp", "Cf") or ch in "\t\n\x0b\x0c\r\x85"
-        if not hidden:
-            return ch
-    return ""
-
-
-def guarded(value: str) -> str:
-    return "'" + value if value[:1] in TRIGGERS or first_visible(value) in TRIGGERS else value
-
-
 def download(client: TestClient, population: Population, url: str, who: str = "admin") -> Any:
     return client.get(url, headers=bearer(population, who))
 
@@ -160,12 +125,9 @@ def test_small_export_is_made_in_the_request_and_equals_the_report(
         ".csv"
     )
     parsed = list(csv.reader(io.StringIO(file.content.decode("utf-8"), newline="")))
-    expected = report_rows(client, population, filters)
-    text_columns = {0, 2, 3, 4, 5, 11}
+    expected = report_rows(client, filters, headers=bearer(population))
     assert parsed[0] == expected[0]
-    assert parsed[1:] == [
-        [guarded(v) if i in text_columns else v for i, v in enumerate(row)] for row in expected[1:]
-    ]
+    assert parsed[1:] == [guarded(row) for row in expected[1:]]
     assert len(parsed) - 1 == export["row_count"] > 0
     assert export["file"]["size_bytes"] == len(file.content)
 
@@ -228,7 +190,14 @@ def test_large_export_is_queued_with_its_snapshot_and_outbox_event(
     )
     assert (
         len(rows) - 1
-        == len(report_rows(client, population, {"channel": ["web", "pos"], "min_total": "0"})) - 1
+        == len(
+            report_rows(
+                client,
+                headers=bearer(population),
+                filters={"channel": ["web", "pos"], "min_total": "0"},
+            )
+        )
+        - 1
     )
 
 
@@ -252,7 +221,7 @@ def test_filters_changed_after_the_click_do_not_change_the_job(
         csv.reader(io.StringIO(download(client, population, done["download_url"]).text, newline=""))
     )
     assert {row[4] for row in rows[1:]} == {"paid"}
-    assert len(rows) == len(report_rows(client, population, clicked))
+    assert len(rows) == len(report_rows(client, headers=bearer(population), filters=clicked))
 
 
 def test_duplicates_and_idempotency_keys_return_the_existing_export(
