@@ -11,7 +11,7 @@ import threading
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import service
+from services import process
 from shared.notifications import Notifier
 from shared.settings import Settings
 
@@ -25,7 +25,7 @@ def notify(settings: Settings, sessions: sessionmaker[Session], stop: threading.
 
 def main() -> int:
     """Run the notifier until SIGTERM/SIGINT."""
-    return service.run(
+    return process.run(
         "notifier", required=["kafka_bootstrap_servers"], pool_size=POOL_SIZE, body=notify
     )
 

@@ -10,6 +10,7 @@ import threading
 from dramatiq import Worker
 from dramatiq.common import dq_name
 
+from services import process
 from services.worker.actors import (
     EXPORTS_QUEUE,
     add_prometheus_middleware,
@@ -18,7 +19,7 @@ from services.worker.actors import (
 )
 from services.worker.bridge import GROUP_ID, make_bridge
 from services.worker.maintenance import Maintenance
-from shared import metrics, service
+from shared import metrics
 from shared.backlog import BacklogMonitor
 from shared.db import make_engine, make_sessionmaker
 from shared.errors import ConfigurationError
@@ -42,7 +43,7 @@ CONSUMER_WAIT_MS = 50
 
 
 def main() -> int:
-    service.configure_logging()
+    process.configure_logging()
     try:
         settings = load_settings()
         storage = storage_from_url(
@@ -54,7 +55,7 @@ def main() -> int:
         settings.require("kafka_bootstrap_servers")
     except ConfigurationError as exc:
         print(f"worker: {exc.message}", file=sys.stderr)
-        return service.EXIT_CONFIGURATION
+        return process.EXIT_CONFIGURATION
     storage.prepare()
     engine = make_engine(settings.database_url, pool_size=settings.export_worker_threads + 4)
     sessions = make_sessionmaker(engine)
@@ -88,9 +89,9 @@ def main() -> int:
         print(f"worker: {exc.message}", file=sys.stderr)
         broker.close()
         engine.dispose()
-        return service.EXIT_CONFIGURATION
+        return process.EXIT_CONFIGURATION
 
-    stop = service.stop_on_signals()
+    stop = process.stop_on_signals()
 
     # The exports queue gets a pool of its own: exports never starve other background work.
     worker = Worker(

@@ -31,7 +31,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
               "--port", "{port}", "--no-access-log", "--no-proxy-headers"),
         health_path="/healthz",
     ),
-    ServiceSpec(name="relay", args=("services.api.relay",), metrics_port=True),
+    ServiceSpec(name="relay", args=("services.relay",), metrics_port=True),
     ServiceSpec(name="worker", args=("services.worker",), metrics_port=True),
     ServiceSpec(name="notifier", args=("services.notifier",), metrics_port=True),
 )  # fmt: skip

@@ -44,7 +44,7 @@ SERVICES: dict[str, tuple[str, ...]] = {
         "127.0.0.1",
         "--no-access-log",
     ),
-    "relay": ("services.api.relay",),
+    "relay": ("services.relay",),
     "worker": ("services.worker",),
     "notifier": ("services.notifier",),
 }

@@ -267,7 +267,7 @@ def test_run_survives_a_dropped_listen_connection(
 def run_relay(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     with log_path.open("wb") as log_file:
         return subprocess.Popen(
-            [sys.executable, "-m", "services.api.relay"],
+            [sys.executable, "-m", "services.relay"],
             env=python_env(env),
             stdout=log_file,
             stderr=subprocess.STDOUT,

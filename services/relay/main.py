@@ -1,4 +1,4 @@
-"""The outbox relay process: ``python -m services.api.relay``.
+"""The outbox relay process: ``python -m services.relay``.
 
 Publishes the ``outbox`` rows that the API (and workers) write to Kafka. Stops cleanly on
 SIGTERM/SIGINT (exit 0); a configuration problem exits 2 with one line on stderr.
@@ -11,7 +11,7 @@ import threading
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared import service
+from services import process
 from shared.outbox import OutboxRelay
 from shared.settings import Settings
 
@@ -25,7 +25,7 @@ def relay(settings: Settings, sessions: sessionmaker[Session], stop: threading.E
 
 def main() -> int:
     """Run the relay until SIGTERM/SIGINT."""
-    return service.run(
+    return process.run(
         "outbox relay", required=["kafka_bootstrap_servers"], pool_size=POOL_SIZE, body=relay
     )
 

@@ -1,5 +1,5 @@
-"""Process plumbing for the long-running services' entry points (relay, notifier, worker):
-logging, SIGTERM/SIGINT handling, configuration errors, the metrics endpoint, the pool."""
+"""How the long-running services start and stop (relay, notifier, worker): logging,
+SIGTERM/SIGINT handling, configuration errors, the metrics endpoint, the pool."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""The outbox relay service (deployed on its own): publishes outbox rows to Kafka."""
