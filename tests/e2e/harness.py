@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import sys
 import time
 from collections.abc import Callable
 from email.message import EmailMessage
@@ -29,25 +28,15 @@ from shared.devstack.mailsink import MailSink
 from shared.devstack.ports import free_port
 from shared.devstack.postgres import EmbeddedPostgres
 from shared.devstack.redis import EmbeddedRedis
+from shared.devstack.services import SERVICES as PRODUCT_SERVICES
+from shared.devstack.services import ServiceSpec
 from shared.migrate import upgrade
 from shared.seeding import ensure_demo_data
 from shared.settings import Settings
 from shared.storage import storage_from_url
 
-#: python -m arguments of each service (the API's are completed with its port).
-SERVICES: dict[str, tuple[str, ...]] = {
-    "api": (
-        "uvicorn",
-        "services.api.app:create_app",
-        "--factory",
-        "--host",
-        "127.0.0.1",
-        "--no-access-log",
-    ),
-    "relay": ("services.relay",),
-    "worker": ("services.worker",),
-    "notifier": ("services.notifier",),
-}
+#: The product's services (shared/devstack/services.py), by name, in their start order.
+SERVICES: dict[str, ServiceSpec] = {spec.name: spec for spec in PRODUCT_SERVICES}
 #: Settings that make faults show within seconds instead of minutes.
 FAST_FAILURE_ENV = {
     "EXPORT_LEASE_SECONDS": "3",
@@ -58,7 +47,7 @@ FAST_FAILURE_ENV = {
 }
 S3_KEYS = ("stack-access", "stack-secret-key-0123456789")
 #: Services with a Prometheus endpoint of their own (the API serves /metrics on its port).
-METRICS_SERVICES = ("relay", "worker", "notifier")
+METRICS_SERVICES = tuple(spec.name for spec in PRODUCT_SERVICES if spec.metrics_port)
 
 
 def wait_for(check: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.1) -> Any:
@@ -155,9 +144,9 @@ class LiveStack:
     # -- services ------------------------------------------------------------------------------
 
     def start_service(self, name: str) -> ChildProcess:
-        args = SERVICES[name] + (("--port", str(self.api_port)) if name == "api" else ())
+        argv = SERVICES[name].argv(host="127.0.0.1", port=self.api_port)
         env = python_env({**os.environ, **self.env, **self._metrics_env(name)})
-        child = ChildProcess(name=name, argv=[sys.executable, "-m", *args], env=env)
+        child = ChildProcess(name=name, argv=argv, env=env)
         child.start()
         self.services[name] = child
         return child
