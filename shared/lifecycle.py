@@ -217,46 +217,51 @@ def heartbeat(
     return result.first() is not None
 
 
-def lease_expired(session: Session, *, limit: int = 100) -> list[ExportJob]:
-    """Running jobs whose worker stopped renewing the lease (crashed, frozen, partitioned)."""
+def _due(session: Session, *where: Any, oldest_first: Any, limit: int) -> list[ExportJob]:
+    """Jobs housekeeping should act on, oldest first, locked (SKIP LOCKED: several
+    housekeepers never take the same row)."""
     return list(
         session.scalars(
             select(ExportJob)
-            .where(ExportJob.state == S.RUNNING, ExportJob.lease_expires_at < func.now())
-            .order_by(ExportJob.lease_expires_at)
+            .where(*where)
+            .order_by(oldest_first)
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
     )
 
 
+def lease_expired(session: Session, *, limit: int = 100) -> list[ExportJob]:
+    """Running jobs whose worker stopped renewing the lease (crashed, frozen, partitioned)."""
+    return _due(
+        session,
+        ExportJob.state == S.RUNNING,
+        ExportJob.lease_expires_at < func.now(),
+        oldest_first=ExportJob.lease_expires_at,
+        limit=limit,
+    )
+
+
 def past_expiry(session: Session, *, limit: int = 100) -> list[ExportJob]:
     """Ready jobs whose file has outlived its expiry."""
-    return list(
-        session.scalars(
-            select(ExportJob)
-            .where(ExportJob.state == S.READY, ExportJob.expires_at < func.now())
-            .order_by(ExportJob.expires_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
+    return _due(
+        session,
+        ExportJob.state == S.READY,
+        ExportJob.expires_at < func.now(),
+        oldest_first=ExportJob.expires_at,
+        limit=limit,
     )
 
 
 def stale_queued(session: Session, *, older_than_seconds: int, limit: int = 100) -> list[ExportJob]:
     """Queued jobs whose work message was sent long ago (lost with a Redis restart?)."""
     cutoff = func.now() - dt.timedelta(seconds=older_than_seconds)
-    return list(
-        session.scalars(
-            select(ExportJob)
-            .where(
-                ExportJob.state == S.QUEUED,
-                func.coalesce(ExportJob.enqueued_at, ExportJob.created_at) < cutoff,
-            )
-            .order_by(ExportJob.created_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
+    return _due(
+        session,
+        ExportJob.state == S.QUEUED,
+        func.coalesce(ExportJob.enqueued_at, ExportJob.created_at) < cutoff,
+        oldest_first=ExportJob.created_at,
+        limit=limit,
     )
 
 
