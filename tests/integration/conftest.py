@@ -1,4 +1,5 @@
-"""Fixtures shared by integration test modules: a real Redis and the Dramatiq actors on it."""
+"""Fixtures shared by integration test modules: a real Redis and the Dramatiq actors on it, and
+a Kafka-protocol broker."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.worker.actors import Actors, declare_actors, make_broker
+from shared.devstack.kafka_broker import KafkaBroker
 from shared.devstack.redis import EmbeddedRedis
 from shared.settings import Settings
 
@@ -29,3 +31,14 @@ def actors(settings: Settings, redis_url: str, sessions: sessionmaker[Session]) 
         yield declare_actors(broker, runner=None, sessions=sessions)
     finally:
         broker.close()
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Kafka-protocol broker for the module; its bootstrap address."""
+    root = tmp_path_factory.mktemp("kafka")
+    kafka = KafkaBroker(ready_file=root / "kafka.ready", pid_file=root / "kafka.pid")
+    try:
+        yield kafka.start()
+    finally:
+        kafka.stop()

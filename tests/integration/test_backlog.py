@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,6 @@ from services.worker.maintenance import Maintenance
 from shared import backlog, outbox
 from shared.backlog import BacklogMonitor, ConsumerLag, read_jobs, read_queue_depth
 from shared.db import transaction
-from shared.devstack.kafka_broker import KafkaBroker
 from shared.devstack.ports import free_port
 from shared.events import TOPIC_REQUESTED, ExportRequested
 from shared.identity import ensure_account, upsert_user
@@ -162,26 +160,16 @@ def test_a_rescued_job_counts_as_a_worker_lost_failure_and_a_retry(
     assert sample("orders_export_retries_total") == before[1] + 1
 
 
-@pytest.fixture(scope="module")
-def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("kafka")
-    broker = KafkaBroker(ready_file=root / "kafka.ready", pid_file=root / "kafka.pid")
-    try:
-        yield broker.start()
-    finally:
-        broker.stop()
-
-
 def test_consumer_lag_is_high_watermark_minus_committed_offset(
-    settings: Settings, kafka: str
+    settings: Settings, broker: str
 ) -> None:
     group = f"lag-{uuid.uuid4().hex[:8]}"
-    producer = Producer({"bootstrap.servers": kafka})
+    producer = Producer({"bootstrap.servers": broker})
     for number in range(5):
         producer.produce(TOPIC_REQUESTED, key=str(number), value=b"{}")
     assert producer.flush(10) == 0
     lag = ConsumerLag(
-        settings.model_copy(update={"kafka_bootstrap_servers": kafka}),
+        settings.model_copy(update={"kafka_bootstrap_servers": broker}),
         {group: (TOPIC_REQUESTED, "exports.never-written")},
     )
     try:
@@ -190,7 +178,7 @@ def test_consumer_lag_is_high_watermark_minus_committed_offset(
         # When the group consumes and commits 3 messages
         consumer = Consumer(
             {
-                "bootstrap.servers": kafka,
+                "bootstrap.servers": broker,
                 "group.id": group,
                 "auto.offset.reset": "earliest",
                 "enable.auto.commit": False,

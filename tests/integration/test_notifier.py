@@ -29,7 +29,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import transaction
 from shared.devstack.children import python_env
-from shared.devstack.kafka_broker import KafkaBroker
 from shared.devstack.mailsink import MailSink
 from shared.devstack.ports import free_port
 from shared.events import (
@@ -379,16 +378,6 @@ def test_no_email_when_the_requester_is_no_longer_an_admin(
     assert row.sent_at is None
     assert row.attempts == 0
     assert (row.status, row.last_error) == ("skipped", "recipient no longer an admin")
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("kafka")
-    kafka = KafkaBroker(ready_file=root / "kafka.ready", pid_file=root / "kafka.pid")
-    try:
-        yield kafka.start()
-    finally:
-        kafka.stop()
 
 
 def test_end_to_end_through_kafka_with_redelivery_and_garbage(

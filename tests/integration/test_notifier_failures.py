@@ -24,7 +24,6 @@ from prometheus_client import REGISTRY
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import transaction
-from shared.devstack.kafka_broker import KafkaBroker
 from shared.devstack.ports import free_port
 from shared.emails import MAX_SUMMARY_CHARS
 from shared.events import TOPIC_DEAD_LETTER, TOPIC_LIFECYCLE, ExportReady
@@ -98,16 +97,6 @@ def smtp(recorder: Recorder) -> Iterator[Controller]:
         yield server
     finally:
         server.stop()
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("kafka")
-    kafka = KafkaBroker(ready_file=root / "kafka.ready", pid_file=root / "kafka.pid")
-    try:
-        yield kafka.start()
-    finally:
-        kafka.stop()
 
 
 def counter(name: str, **labels: str) -> float:

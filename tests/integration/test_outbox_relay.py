@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +39,6 @@ TEST_SESSION_TIMEOUT_MS = 6000
 CONSUME_TIMEOUT = 30.0
 #: Delivery timeout of a relay talking to a dead broker (seconds; keeps the test short).
 DEAD_BROKER_DELIVERY_TIMEOUT = 2.0
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("kafka")
-    kafka = KafkaBroker(ready_file=root / "kafka.ready", pid_file=root / "kafka.pid")
-    try:
-        yield kafka.start()
-    finally:
-        kafka.stop()
 
 
 @pytest.fixture(scope="module")

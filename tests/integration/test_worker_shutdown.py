@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from services.worker.actors import Actors
 from shared.db import transaction
 from shared.devstack.children import python_env
-from shared.devstack.kafka_broker import KafkaBroker
 from shared.flags import FlagCache
 from shared.identity import ensure_account, set_membership, upsert_user
 from shared.models import ExportJob, ExportState, ExportTransition, OutboxMessage, Role
@@ -35,16 +33,6 @@ from tests.integration.exportdata import make_job
 COMPOSE_STOP_GRACE_SECONDS = 30
 #: Grace the test gives running exports (seconds); the export needs far longer.
 GRACE_SECONDS = 2
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("kafka")
-    kafka = KafkaBroker(ready_file=root / "kafka.ready", pid_file=root / "kafka.pid")
-    try:
-        yield kafka.start()
-    finally:
-        kafka.stop()
 
 
 @pytest.fixture(scope="module")
