@@ -14,7 +14,7 @@ import httpx2
 import pytest
 from playwright.sync_api import Dialog, Page, expect
 
-from tests.e2e.harness import LiveStack
+from tests.e2e.harness import LiveStack, api_client, running
 from tests.support.reports import guarded, report_rows
 
 pytestmark = pytest.mark.browser
@@ -27,17 +27,12 @@ ADMIN = ("admin@acme.test", "admin-password")
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     live = LiveStack(Path(tmp_path_factory.mktemp("download-stack")), orders=ORDERS)
-    try:
-        yield live.start()
-    finally:
-        live.stop()
+    yield from running(live)
 
 
 @pytest.fixture(scope="module")
 def api(stack: LiveStack) -> Iterator[httpx2.Client]:
-    headers = {"Authorization": f"Bearer {stack.token()}"}
-    with httpx2.Client(base_url=stack.api_url, headers=headers, timeout=30, trust_env=False) as c:
-        yield c
+    yield from api_client(stack)
 
 
 def log_in(page: Page, stack: LiveStack, path: str) -> None:

@@ -18,7 +18,7 @@ from playwright.sync_api import Locator, Page, expect
 from shared.db import make_engine, make_sessionmaker, transaction
 from shared.flags import CACHE_SECONDS, set_flag
 from shared.signing import SigningKeys, download_path
-from tests.e2e.harness import LiveStack
+from tests.e2e.harness import LiveStack, api_client, running
 from tests.support.reports import guarded, report_rows
 
 pytestmark = pytest.mark.browser
@@ -36,17 +36,12 @@ STATE_TIMEOUT_MS = 60_000
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     live = LiveStack(Path(tmp_path_factory.mktemp("browser-stack")), orders=ORDERS, env=STACK_ENV)
-    try:
-        yield live.start()
-    finally:
-        live.stop()
+    yield from running(live)
 
 
 @pytest.fixture(scope="module")
 def api(stack: LiveStack) -> Iterator[httpx2.Client]:
-    headers = {"Authorization": f"Bearer {stack.token()}"}
-    with httpx2.Client(base_url=stack.api_url, headers=headers, timeout=30, trust_env=False) as c:
-        yield c
+    yield from api_client(stack)
 
 
 def log_in(page: Page, stack: LiveStack, who: tuple[str, str], path: str) -> None:

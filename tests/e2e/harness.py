@@ -13,7 +13,7 @@ import re
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -226,3 +226,20 @@ def link_in(message: EmailMessage) -> str:
     match = re.search(r"https?://\S+/exports/[0-9a-f-]+/download\?\S+", body_text(message))
     assert match, "no download link in the email"
     return match.group(0)
+
+
+def running(live: LiveStack) -> Iterator[LiveStack]:
+    """Start ``live``, hand it out, stop it whatever happens (``yield from`` in a fixture)."""
+    try:
+        yield live.start()
+    finally:
+        live.stop()
+
+
+def api_client(stack: LiveStack, extra: dict[str, str] | None = None) -> Iterator[httpx2.Client]:
+    """An HTTP client of the stack's API with the demo admin's bearer token (``yield from``)."""
+    headers = {"Authorization": f"Bearer {stack.token()}", **(extra or {})}
+    with httpx2.Client(
+        base_url=stack.api_url, headers=headers, timeout=30, trust_env=False
+    ) as client:
+        yield client

@@ -15,7 +15,7 @@ import boto3
 import httpx2
 import pytest
 
-from tests.e2e.harness import S3_KEYS, LiveStack, body_text, link_in, wait_for
+from tests.e2e.harness import S3_KEYS, LiveStack, api_client, body_text, link_in, running, wait_for
 from tests.support.reports import guarded, report_rows
 
 pytestmark = pytest.mark.e2e
@@ -29,19 +29,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     root = Path(tmp_path_factory.mktemp("live"))
     # ~2 MB/s keeps a 50k-row export running for a few seconds, long enough to watch it.
     live = LiveStack(root, orders=ORDERS, env={"EXPORT_MAX_BYTES_PER_SECOND": "2000000"})
-    try:
-        yield live.start()
-    finally:
-        live.stop()
+    yield from running(live)
 
 
 @pytest.fixture(scope="module")
 def api(stack: LiveStack) -> Iterator[httpx2.Client]:
-    headers = {"Authorization": f"Bearer {stack.token()}"}
-    with httpx2.Client(
-        base_url=stack.api_url, headers=headers, timeout=30, trust_env=False
-    ) as client:
-        yield client
+    yield from api_client(stack)
 
 
 def request_export(api: httpx2.Client, filters: dict[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from shared.devstack.ports import free_port
 from shared.identity import create_token, ensure_account, set_membership, upsert_user
 from shared.models import Role
 from shared.signing import SigningKeys, download_path
-from tests.e2e.harness import LiveStack, wait_for
+from tests.e2e.harness import LiveStack, api_client, running, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -49,19 +49,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
         orders=ORDERS,
         env={"EXPORT_ASYNC_THRESHOLD_ROWS": str(THRESHOLD)},
     )
-    try:
-        yield live.start()
-    finally:
-        live.stop()
+    yield from running(live)
 
 
 @pytest.fixture(scope="module")
 def api(stack: LiveStack) -> Iterator[httpx2.Client]:
-    headers = {"Authorization": f"Bearer {stack.token()}", "Accept": "application/json"}
-    with httpx2.Client(
-        base_url=stack.api_url, headers=headers, timeout=30, trust_env=False
-    ) as client:
-        yield client
+    yield from api_client(stack, {"Accept": "application/json"})
 
 
 def flags(stack: LiveStack, *args: str) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 import httpx2
 import pytest
 
-from tests.e2e.harness import LiveStack, wait_for
+from tests.e2e.harness import LiveStack, api_client, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -36,9 +36,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
 
 @pytest.fixture(scope="module")
 def api(stack: LiveStack) -> Iterator[httpx2.Client]:
-    headers = {"Authorization": f"Bearer {stack.token()}"}
-    with httpx2.Client(base_url=stack.api_url, headers=headers, timeout=30, trust_env=False) as c:
-        yield c
+    yield from api_client(stack)
 
 
 def _serves(url: str) -> bool:

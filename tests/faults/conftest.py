@@ -17,7 +17,7 @@ from shared.identity import ensure_account, find_user, set_membership
 from shared.models import Role
 from shared.seeding import DEMO_ADMIN, seed_orders
 from shared.storage import storage_from_url
-from tests.e2e.harness import LiveStack
+from tests.e2e.harness import LiveStack, api_client
 from tests.faults.support import S3FaultProxy
 
 #: Orders of the demo account: a full export is ~60,000 rows, ~8 MB (a two-part upload).
@@ -73,8 +73,4 @@ def s3_proxy(proxy_and_stack: tuple[S3FaultProxy, LiveStack]) -> S3FaultProxy:
 
 @pytest.fixture(scope="package")
 def api(stack: LiveStack) -> Iterator[httpx2.Client]:
-    headers = {"Authorization": f"Bearer {stack.token()}"}
-    with httpx2.Client(
-        base_url=stack.api_url, headers=headers, timeout=30, trust_env=False
-    ) as client:
-        yield client
+    yield from api_client(stack)
