@@ -66,6 +66,8 @@ def app_routes() -> list[BaseRoute]:
         ),
         Route("/exports/{export_id}/download", exports.download, methods=["GET"]),
         Route("/accounts/{slug}/exports", pages.request_export, methods=["POST"]),
+        Route("/accounts/{slug}/exports/panel", pages.panel_items, methods=["GET"]),
+        Route("/exports/{export_id}/panel", pages.export_items, methods=["GET"]),
         Route("/exports/{export_id}", pages.export_page, methods=["GET"], name="export_page"),
         Route("/exports/{export_id}/retry", pages.retry_export, methods=["POST"]),
         Route("/exports/{export_id}/cancel", pages.cancel_export, methods=["POST"]),

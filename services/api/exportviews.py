@@ -1,8 +1,9 @@
 """How exports look in the web pages: the Exports panel, the export's page, and their wording.
 
-The templates render the API's ``<Export>`` objects (``shared.exports.to_json``), and
-``static/exports.js`` re-renders the same objects from the JSON API while work is in flight. The
-words both need are defined here once and handed to the script as JSON (:attr:`ExportUi.config`).
+The templates render the API's ``<Export>`` objects (``shared.exports.to_json``); the panel is
+drawn on the server only. While work is in flight ``static/exports.js`` polls the panel's HTML
+fragment (:func:`panel_fragment`) and swaps the items that changed; the few words it says itself
+are handed to it as JSON (:attr:`ExportUi.config`).
 """
 
 from __future__ import annotations
@@ -147,6 +148,16 @@ class ExportUi:
             error.get("code"), retryable=bool(error.get("retryable")), export_id=export["id"]
         )
 
+    def announce(self, export: dict[str, Any]) -> str:
+        """What the page says when the export reaches its present state (the script)."""
+        summary = self.summary(export["filters"])
+        if export["state"] == "ready":
+            rows = self.number(export["row_count"])
+            return f"Export ready: {rows} rows ({summary}). Download it below."
+        if export["state"] == "failed" and export.get("error"):
+            return f"Export failed: {export['error']['message']}"
+        return f"Export {self.labels[export['state']].lower()}: {summary}."
+
     def key(self, export: dict[str, Any]) -> str:
         """Changes when an item must be drawn anew (the script compares it)."""
         error = export.get("error") or {}
@@ -184,26 +195,14 @@ class ExportUi:
     def config(self) -> dict[str, Any]:
         return {
             "csrf": self.csrf,
-            "timezone": self.timezone,
             "next": self.next,
             "enabled": self.enabled,
             "poll_url": self.poll_url,
-            "panel_size": PANEL_SIZE,
             "active_poll_ms": ACTIVE_POLL_MS,
             "idle_poll_ms": IDLE_POLL_MS,
-            "labels": self.labels,
-            "sort_labels": SORT_LABELS,
-            "hints": {str(advice): text for advice, text in failures.ADVICE_TEXT.items()},
-            "verdicts": self.verdicts,
-            "narrow_codes": sorted(
-                row.code
-                for row in failures.FAILURE_CODES.values()
-                if row.advice is failures.Advice.NARROW
-            ),
             "requested": {str(k): v for k, v in REQUESTED.items()},
             "messages": MESSAGES,
             "disabled": DISABLED,
-            "option_labels": export_options.OPTION_LABELS,
             "delete_warning": DELETE_WARNING,
             **self.extra,
         }
@@ -223,6 +222,48 @@ def flash(request: Request, text: str, *, kind: str = "info") -> None:
 def take_flash(request: Request) -> dict[str, str] | None:
     value = request.session.pop(FLASH_KEY, None)
     return value if isinstance(value, dict) else None
+
+
+def panel_url(path: str, next_path: str) -> str:
+    """The HTML fragment the script polls; ``next`` is where the items' forms come back to."""
+    return f"{path}?{urlencode({'next': next_path})}"
+
+
+def _next_within(request: Request, prefix: str) -> str:
+    """The ``next`` the script passed, if it is a page under ``prefix`` (else ``prefix``)."""
+    wanted = request.query_params.get("next", "")
+    return wanted if wanted.startswith(prefix) and not wanted.startswith("//") else prefix
+
+
+def panel_fragment(
+    request: Request, caller: Caller, *, slug: str | None = None, export_id: str | None = None
+) -> Response:
+    """The list items of the account's Exports panel (``slug``) or of one export's page, as HTML:
+    what the script swaps in. Only admins of the account see them (404 / 403 otherwise)."""
+    with request.app.state.sessions() as session:
+        if export_id is not None:
+            job, account = exports.get_for_admin(session, export_id, caller.user)
+            items = [_to_json(request, job, account, caller)]
+            back = _next_within(request, f"/exports/{job.id}")
+        else:
+            assert slug is not None
+            account, found = exports.list_for_account(session, slug, caller.user, limit=PANEL_SIZE)
+            items = [_to_json(request, job, account, caller) for job in found]
+            back = _next_within(request, f"/accounts/{account.slug}/orders")
+    ui = ExportUi(
+        csrf=csrf_token(request),
+        timezone=account.timezone,
+        next=back,
+        enabled=request.app.state.flags.get("exports_enabled"),
+        poll_url=str(request.url),
+    )
+    templates = request.app.state.templates
+    return templates.TemplateResponse(  # type: ignore[no-any-return]
+        request,
+        "_export_items.html",
+        {"exports": items, "ui": ui},
+        headers={"Cache-Control": "no-store"},  # signed links
+    )
 
 
 def current_path(request: Request) -> str:
@@ -261,7 +302,7 @@ def panel_context(
         timezone=account.timezone,
         next=current_path(request),
         enabled=enabled,
-        poll_url=f"/api/v1/accounts/{account.slug}/order-exports",
+        poll_url=panel_url(f"/accounts/{account.slug}/exports/panel", current_path(request)),
         extra={
             "create_url": f"/api/v1/accounts/{account.slug}/order-exports",
             "filters": filters.to_snapshot(),
@@ -298,7 +339,7 @@ def export_page(
         timezone=account.timezone,
         next=f"/exports/{export['id']}",
         enabled=request.app.state.flags.get("exports_enabled"),
-        poll_url=f"/api/v1/order-exports/{export['id']}",
+        poll_url=panel_url(f"/exports/{export['id']}/panel", f"/exports/{export['id']}"),
     )
     if notice is not None and export["state"] in LANDING_NEXT:
         notice = f"{notice} {LANDING_NEXT[export['state']]}"

@@ -16,7 +16,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from services.api import exports, exportviews
-from services.api.auth import CSRF_FIELD, Caller, identify, login_redirect, safe_next
+from services.api.auth import (
+    CSRF_FIELD,
+    Caller,
+    identify,
+    login_redirect,
+    require_caller,
+    safe_next,
+)
 from services.api.errors import redirect
 from shared.errors import (
     Conflict,
@@ -54,6 +61,22 @@ async def export_page(request: Request) -> Response:
     return await run_in_threadpool(
         exportviews.export_page, request, caller, request.path_params["export_id"]
     )
+
+
+def _fragment(request: Request, **where: str) -> Response:
+    with request.app.state.sessions() as session:
+        caller = require_caller(request, session)
+    return exportviews.panel_fragment(request, caller, **where)
+
+
+async def panel_items(request: Request) -> Response:
+    """``GET /accounts/{slug}/exports/panel``: the Exports panel's items, as HTML."""
+    return await run_in_threadpool(_fragment, request, slug=request.path_params["slug"])
+
+
+async def export_items(request: Request) -> Response:
+    """``GET /exports/{id}/panel``: the export's item on its own page, as HTML."""
+    return await run_in_threadpool(_fragment, request, export_id=request.path_params["export_id"])
 
 
 def _submitted_csrf(form: FormData) -> str | None:

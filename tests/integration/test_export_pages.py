@@ -500,7 +500,9 @@ def test_page_and_api_give_the_support_verdict_in_the_users_words(
     # Then both carry the same verdict, in the user's words
     assert body.json()["export"]["verdict"] == verdict
     assert f'<span class="verdict verdict-{verdict}">{words}</span>' in page.text
-    assert config_of(page.text)["verdicts"][verdict] == words
+    # And so does the fragment the script polls (the panel is drawn on the server only)
+    fragment = admin.get(f"/exports/{export_id}/panel")
+    assert f'<span class="verdict verdict-{verdict}">{words}</span>' in fragment.text
     cancel_all(sessions)
 
 
@@ -610,4 +612,34 @@ def test_the_export_form_offers_the_two_options_and_the_panel_shows_them(
         assert (job.utf8_bom, job.compression) == (False, "none")
     plain_item = plain.text.split(f'id="export-{plain_id}"', 1)[1].split("</li>", 1)[0]
     assert "export-options" not in plain_item
-    assert "Compress" in config_of(page)["option_labels"]["gzip"]
+    assert '<label for="option-gzip">Compress (.csv.gz)</label>' in page
+
+
+def test_the_script_polls_the_panel_drawn_by_the_server(
+    app: Starlette, sessions: sessionmaker[Session], population: Population
+) -> None:
+    export_id = make_job(
+        sessions, account_id=population.account_id, user_id=user_id(sessions, "admin@acme.test")
+    )
+    admin = browser(app, "admin@acme.test")
+    page = admin.get("/accounts/acme/orders?status=paid")
+    poll_url = config_of(page.text)["poll_url"]
+    assert poll_url.startswith("/accounts/acme/exports/panel?next=")
+    # The fragment holds the very items the page drew, with their forms coming back to the page
+    fragment = admin.get(poll_url)
+    assert fragment.status_code == 200 and fragment.headers["cache-control"] == "no-store"
+    assert item_states(fragment.text) == item_states(page.text)
+    assert str(export_id) in item_states(fragment.text)
+    assert 'name="next" value="/accounts/acme/orders?status=paid"' in fragment.text
+    assert 'data-announce="Export queued: all orders."' in fragment.text
+    assert "<html" not in fragment.text and 'id="export-list"' not in fragment.text
+    # A next elsewhere is not followed; one export's page polls its item alone
+    elsewhere = admin.get("/accounts/acme/exports/panel", params={"next": "//evil.test/"})
+    assert 'name="next" value="/accounts/acme/orders"' in elsewhere.text
+    single = admin.get(f"/exports/{export_id}/panel")
+    assert list(item_states(single.text)) == [str(export_id)]
+    # Members, other accounts and the logged-out get no items
+    assert browser(app, "member@acme.test").get(poll_url).status_code == 403
+    assert browser(app, "admin@globex.test").get(poll_url).status_code == 404
+    assert TestClient(app).get(poll_url).status_code == 401
+    cancel_all(sessions)
