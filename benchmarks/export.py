@@ -12,8 +12,9 @@ way most apps do it, measured side by side in ONE run on the embedded local stac
 4. the product over HTTP: POST -> ready wall time, the worker's own time, rows/s, MB/s, queue
    wait, POST latency p50/p99, peak RSS of the worker process, progress update gaps;
 5. the report API's p50/p99 under steady concurrent load, without and with exports running;
-6. downloads: the file streamed through the API (all checks, audit row; fetched with curl when
-   it is installed) against reading the same object from storage directly, MB/s of each;
+6. downloads (``benchmarks/downloads.py``): the file through the API, streamed from local and
+   from S3 storage and redirected to S3, each against reading the same bytes from storage
+   directly, and against a zero-copy HTTP server (curl is the client of every path);
 7. gzip: the same export with ``options.compression = "gzip"``, POST -> ready and file size
    against the plain one.
 
@@ -30,7 +31,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import signal
 import statistics
 import subprocess
@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import downloads
 import httpx2
 import psutil
 import psycopg
@@ -56,7 +57,6 @@ from shared.csvfile import copy_statement
 from shared.db import sqlalchemy_url
 from shared.filters import OrderFilters
 from shared.models import Account, ExportJob, Order
-from shared.storage import Storage, storage_from_url
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -317,44 +317,6 @@ def run_export(
     }
 
 
-#: Bytes per read when timing downloads (1 MiB).
-DOWNLOAD_CHUNK = 1 << 20
-
-
-def download_through_api(client: httpx2.Client, url: str) -> int:
-    """GET the signed link as a client does; the bytes are counted and dropped.
-
-    With curl on the machine it is the client (a Python client tops out below the server's
-    speed); otherwise httpx.
-    """
-    curl = shutil.which("curl")
-    if curl is not None:
-        token = client.headers["Authorization"]
-        written = subprocess.run(
-            [
-                curl,
-                "-sSf",
-                "-o",
-                os.devnull,
-                "-w",
-                "%{size_download}",
-                "-H",
-                f"Authorization: {token}",
-                url,
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        return int(written)
-    size = 0
-    with client.stream("GET", url) as response:
-        response.raise_for_status()
-        for chunk in response.iter_raw(DOWNLOAD_CHUNK):
-            size += len(chunk)
-    return size
-
-
 def storage_key(database_url: str, export_id: str) -> str:
     engine = create_engine(sqlalchemy_url(database_url))
     with Session(engine) as session:
@@ -362,11 +324,6 @@ def storage_key(database_url: str, export_id: str) -> str:
     engine.dispose()
     assert key is not None
     return key
-
-
-def read_from_storage(storage: Storage, key: str) -> int:
-    """The same object read straight from storage (the ceiling of any download path)."""
-    return sum(len(chunk) for chunk in storage.open(key))
 
 
 def post_latencies(client: httpx2.Client, count: int) -> list[float]:
@@ -487,15 +444,13 @@ def main() -> int:
                     run_export(client, {}, options={"compression": "gzip"})
                     for _ in range(args.runs)
                 ]
-                size = runs[0]["bytes"]
-                assert download_through_api(client, runs[0]["download_url"]) == size
-                results["download_api_seconds"], _ = median_time(
-                    lambda: download_through_api(client, runs[0]["download_url"]), args.runs
-                )
-                storage = storage_from_url(env["STORAGE_URL"])
-                key = storage_key(database_url, runs[0]["id"])
-                results["download_storage_seconds"], _ = median_time(
-                    lambda: read_from_storage(storage, key), args.runs
+                results |= downloads.measure(
+                    env=env,
+                    token=token,
+                    download_url=runs[0]["download_url"],
+                    key=storage_key(database_url, runs[0]["id"]),
+                    size=runs[0]["bytes"],
+                    runs=args.runs,
                 )
                 results["post_latencies_seconds"] = post_latencies(client, 50)
             results["worker_peak_rss_mib"] = peak_rss_mib(worker_process(dev))
@@ -575,9 +530,7 @@ def summarize(r: dict[str, Any]) -> dict[str, Any]:
         "report_p99_ms_exporting": 1000 * percentile(busy, 99),
         "report_requests_idle": len(idle),
         "report_requests_exporting": len(busy),
-        "download_api_mb_per_s": mb / r["download_api_seconds"],
-        "download_storage_mb_per_s": mb / r["download_storage_seconds"],
-        "ratio_download_api_to_storage": r["download_storage_seconds"] / r["download_api_seconds"],
+        **downloads.summarize(r, runs[0]["bytes"]),
         "gzip_export_wall_post_to_ready_s": gzip_wall,
         "ratio_gzip_wall_to_plain_wall": gzip_wall / wall,
         "gzip_file_mb": gzip_mb,
