@@ -34,6 +34,7 @@ from shared.events import ExportCanceled, ExportExpired, ExportRequested
 from shared.export_options import COMPRESSIONS, DEFAULT_OPTIONS, job_options
 from shared.filters import OrderFilters, parse_filter_object
 from shared.flags import FlagCache
+from shared.lanes import FAST, lane_for
 from shared.models import Account, ExportJob, ExportState, Notification, Role, User
 from shared.report import count_rows, estimate_rows
 from shared.settings import Settings
@@ -234,7 +235,9 @@ def request_export(
             raise
         return Requested(existing, "existing", inline=False)
     if not inline:
-        outbox.add(session, ExportRequested(export_id=str(job.id), account=account.slug))
+        lane = lane_for(rows, settings=settings)
+        event = ExportRequested(export_id=str(job.id), account=account.slug, lane=lane)
+        outbox.add(session, event)
     return Requested(job, "created", inline=inline)
 
 
@@ -245,7 +248,9 @@ def queue_in_background(
     if job.state is not ExportState.QUEUED:
         return None
     jobs.mark_enqueued(session, [job.id])
-    outbox.add(session, ExportRequested(export_id=str(job.id), account=account.slug))
+    # Small by definition (it was made in the request): the fast lane.
+    event = ExportRequested(export_id=str(job.id), account=account.slug, lane=FAST)
+    outbox.add(session, event)
     return job
 
 
