@@ -439,6 +439,7 @@ def report_load(
     background: Callable[[threading.Event], None] | None,
     explain_into: list[dict[str, Any]] | None = None,
     database_url: str | None = None,
+    by_query: dict[int, list[float]] | None = None,
 ) -> list[float]:
     latencies: list[float] = []
     lock = threading.Lock()
@@ -457,8 +458,11 @@ def report_load(
                 c.get(
                     "/api/v1/accounts/acme/orders", params=REPORT_QUERIES[i % len(REPORT_QUERIES)]
                 ).raise_for_status()
+                elapsed = time.perf_counter() - started
                 with lock:
-                    latencies.append(time.perf_counter() - started)
+                    latencies.append(elapsed)
+                    if by_query is not None:
+                        by_query.setdefault(i % len(REPORT_QUERIES), []).append(elapsed)
                 i += 1
 
     threads = [threading.Thread(target=client_loop, args=(n,)) for n in range(clients)]
@@ -553,13 +557,24 @@ def report_section(
     database_url = stack["env"]["DATABASE_URL"]
     headers = {"Authorization": f"Bearer {token}"}
     results["report_queries"] = list(REPORT_QUERIES)
+    idle_by_query: dict[int, list[float]] = {}
     results["report_latencies_idle"] = report_load(
         stack["api_url"],
         token,
         clients=args.load_clients,
         seconds=args.load_seconds,
         background=None,
+        by_query=idle_by_query,
     )
+    results["report_by_query_idle"] = [
+        {
+            "query": REPORT_QUERIES[n],
+            "requests": len(values),
+            "p50_ms": 1000 * percentile(values, 50),
+            "p99_ms": 1000 * percentile(values, 99),
+        }
+        for n, values in sorted(idle_by_query.items())
+    ]
 
     def exports_running(stop: threading.Event) -> None:
         with httpx2.Client(
@@ -901,6 +916,8 @@ def main() -> int:
     out = args.output or RESULTS / f"export-{args.rows}.json"
     out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print_table(summary)
+    for row in results.get("report_by_query_idle", []):
+        print(f"idle {row['query']}: p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms")
     for plan in results.get("report_plans_exporting", []):
         print(f"\n{plan['query']}: {plan['execution_ms']:.1f} ms")
         print("\n".join(plan["plan"]))

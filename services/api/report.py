@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlencode
 
+import orjson
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from services.api import exportviews
 from services.api.auth import Caller, csrf_token, identify, login_redirect, require_caller
@@ -73,9 +74,8 @@ def _api_page(request: Request, slug: str, raw: dict[str, list[str]]) -> ReportP
 async def orders_api(request: Request) -> Response:
     raw = _raw_params(request)
     page = await run_in_threadpool(_api_page, request, request.path_params["slug"], raw)
-    return JSONResponse(
-        {"columns": page.columns, "rows": page.rows, "next_cursor": page.next_cursor}
-    )
+    body = {"columns": page.columns, "rows": page.rows, "next_cursor": page.next_cursor}
+    return Response(orjson.dumps(body), media_type="application/json")
 
 
 def _sort_query(pairs: list[tuple[str, str]], sort: str) -> str:
