@@ -23,6 +23,7 @@ Prints a table and writes ``benchmarks/results/export-<rows>.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import itertools
@@ -713,6 +714,9 @@ def summarize_lanes(lanes: dict[str, Any]) -> dict[str, Any]:
         "small_post_to_ready_p50_s": percentile(walls, 50),
         "small_post_to_ready_p99_s": percentile(walls, 99),
         "small_min_big_running_at_claim": min(x["big_exports_running_at_claim"] for x in samples),
+        "small_samples_claimed_beside_two_big": sum(
+            x["big_exports_running_at_claim"] >= 2 for x in samples
+        ),
         "big_exports_posted_meanwhile": lanes["big_exports_posted"],
     }
 
@@ -747,15 +751,24 @@ def seed_scale_accounts(database_url: str, *, accounts: int, orders: int) -> Non
     engine.dispose()
 
 
-def postgres_cpu_seconds(dev: subprocess.Popen[str]) -> float:
-    """User + system CPU of the stack's PostgreSQL processes (server and backends) so far."""
+def postgres_cpu_seconds(data_dir: Path) -> float:
+    """User + system CPU of the stack's PostgreSQL so far: the server process (found by its
+    data directory), its live backends, and the backends that already exited (the server reaps
+    them, so their time is in its children's times)."""
     total = 0.0
-    for child in psutil.Process(dev.pid).children(recursive=True):
+    for process in psutil.process_iter(["name", "cmdline"]):
         try:
-            if child.name().startswith("postgres"):
-                times = child.cpu_times()
-                total += times.user + times.system
-        except psutil.NoSuchProcess:
+            if not (process.info["name"] or "").startswith("postgres"):
+                continue
+            if not any(str(data_dir) in arg for arg in process.info["cmdline"] or []):
+                continue
+            times = process.cpu_times()
+            total += times.user + times.system + times.children_user + times.children_system
+            for child in process.children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child_times = child.cpu_times()
+                    total += child_times.user + child_times.system
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return total
 
@@ -776,9 +789,9 @@ def start_workers(env: dict[str, str], count: int) -> list[subprocess.Popen[byte
     ]
 
 
-def scale_run(client: httpx2.Client, dev: subprocess.Popen[str], n: int) -> dict[str, Any]:
+def scale_run(client: httpx2.Client, data_dir: Path, n: int) -> dict[str, Any]:
     """40 exports over 20 accounts posted at once; total time until the last is ready."""
-    cpu_before = postgres_cpu_seconds(dev)
+    cpu_before = postgres_cpu_seconds(data_dir)
     started = time.perf_counter()
     pending = [
         post_export(
@@ -802,7 +815,7 @@ def scale_run(client: httpx2.Client, dev: subprocess.Popen[str], n: int) -> dict
                 raise RuntimeError(f"scale export ended {export['state']}: {export['error']}")
         pending = still
     wall = time.perf_counter() - started
-    cpu = postgres_cpu_seconds(dev) - cpu_before
+    cpu = postgres_cpu_seconds(data_dir) - cpu_before
     return {
         "total_seconds": wall,
         "exports": SCALE_EXPORTS,
@@ -820,7 +833,7 @@ def scale_section(args: argparse.Namespace, results: dict[str, Any]) -> None:
     runs: dict[str, Any] = {}
     with (
         tempfile.TemporaryDirectory(prefix="export-bench-scale-") as tmp,
-        dev_stack(0, Path(tmp), extra_env) as (stack, dev),
+        dev_stack(0, Path(tmp), extra_env) as (stack, _),
     ):
         env = stack["env"]
         started = time.perf_counter()
@@ -835,7 +848,7 @@ def scale_section(args: argparse.Namespace, results: dict[str, Any]) -> None:
                 extra = start_workers(env, processes - 1)
                 try:
                     time.sleep(5 if extra else 0)  # let them boot and subscribe
-                    runs[str(processes)] = scale_run(client, dev, n)
+                    runs[str(processes)] = scale_run(client, Path(tmp), n)
                 finally:
                     for process in extra:
                         process.send_signal(signal.SIGTERM)
