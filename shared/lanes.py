@@ -32,3 +32,11 @@ def lane_for(rows: int | None, *, settings: Settings) -> str:
     if rows is not None and rows <= settings.export_fast_lane_max_rows:
         return FAST
     return NORMAL
+
+
+def count_budget(settings: Settings) -> int:
+    """Rows an export request counts at most: enough to tell an export made in the request
+    (EXPORT_ASYNC_THRESHOLD_ROWS) and a fast-lane one from the rest, no more (the count is most
+    of a request's time on a big account); above it the planner's estimate checks the row cap
+    and the worker enforces it exactly."""
+    return max(settings.export_async_threshold_rows, settings.export_fast_lane_max_rows)
