@@ -34,6 +34,7 @@ from shared.events import ExportCanceled, ExportExpired, ExportRequested
 from shared.export_options import COMPRESSIONS, DEFAULT_OPTIONS, job_options
 from shared.filters import OrderFilters, parse_filter_object
 from shared.flags import FlagCache
+from shared.lanes import FAST, count_budget, lane_for
 from shared.models import Account, ExportJob, ExportState, Notification, Role, User
 from shared.report import count_rows, estimate_rows
 from shared.settings import Settings
@@ -44,9 +45,6 @@ from shared.storage import Storage
 ACTIVE_CAP_RETRY_AFTER = 30
 #: Longest accepted Idempotency-Key header (characters).
 MAX_IDEMPOTENCY_KEY = 200
-#: Rows the request counts at most (bounded: a big account is never fully counted in a
-#: request); above it the planner's estimate stands in and the worker enforces the cap exactly.
-COUNT_BUDGET = 100_000
 #: Who the pages say deleted a file when no user of the account did (the support CLI).
 SUPPORT_NAME = "support"
 
@@ -198,9 +196,10 @@ def request_export(
     _check_active_cap(session, settings=settings, user=user)
 
     threshold = settings.export_async_threshold_rows
-    rows = count_rows(session, account, filters, bound=max(threshold, COUNT_BUDGET) + 1)
+    budget = count_budget(settings)
+    rows = count_rows(session, account, filters, bound=budget + 1)
     if rows > settings.export_max_rows or (
-        rows > COUNT_BUDGET and estimate_rows(session, account, filters) > settings.export_max_rows
+        rows > budget and estimate_rows(session, account, filters) > settings.export_max_rows
     ):
         raise TooManyRows(
             f"this export would have more than {settings.export_max_rows:,} rows; "
@@ -234,7 +233,9 @@ def request_export(
             raise
         return Requested(existing, "existing", inline=False)
     if not inline:
-        outbox.add(session, ExportRequested(export_id=str(job.id), account=account.slug))
+        lane = lane_for(rows, settings=settings)
+        event = ExportRequested(export_id=str(job.id), account=account.slug, lane=lane)
+        outbox.add(session, event)
     return Requested(job, "created", inline=inline)
 
 
@@ -245,7 +246,9 @@ def queue_in_background(
     if job.state is not ExportState.QUEUED:
         return None
     jobs.mark_enqueued(session, [job.id])
-    outbox.add(session, ExportRequested(export_id=str(job.id), account=account.slug))
+    # Small by definition (it was made in the request): the fast lane.
+    event = ExportRequested(export_id=str(job.id), account=account.slug, lane=FAST)
+    outbox.add(session, event)
     return job
 
 
