@@ -12,8 +12,9 @@ way most apps do it, measured side by side in ONE run on the embedded local stac
 4. the product over HTTP: POST -> ready wall time, the worker's own time, rows/s, MB/s, queue
    wait, POST latency p50/p99, peak RSS of the worker process, progress update gaps;
 5. the report API's p50/p99 under steady concurrent load, without and with exports running;
-6. downloads: the file streamed through the API (all checks, audit row; fetched with curl when
-   it is installed) against reading the same object from storage directly, MB/s of each;
+6. downloads (``benchmarks/downloads.py``): the file through the API, streamed from local and
+   from S3 storage and redirected to S3, each against reading the same bytes from storage
+   directly, and against a zero-copy HTTP server (curl is the client of every path);
 7. gzip: the same export with ``options.compression = "gzip"``, POST -> ready and file size
    against the plain one.
 
@@ -23,6 +24,7 @@ Prints a table and writes ``benchmarks/results/export-<rows>.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import itertools
@@ -30,7 +32,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import signal
 import statistics
 import subprocess
@@ -46,6 +47,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import downloads
 import httpx2
 import psutil
 import psycopg
@@ -54,9 +56,9 @@ from sqlalchemy.orm import Session
 
 from shared.csvfile import copy_statement
 from shared.db import sqlalchemy_url
-from shared.filters import OrderFilters
+from shared.filters import OrderFilters, parse_filters
 from shared.models import Account, ExportJob, Order
-from shared.storage import Storage, storage_from_url
+from shared.report import DEFAULT_PAGE_SIZE, explain, page_select
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -71,15 +73,26 @@ STACK_VARIABLES = (
     "SECRET_KEY",
     "PUBLIC_URL",
 )
-#: Report queries the load generator cycles through (one page each).
-REPORT_QUERIES = (
+#: Report queries the load generator cycles through (one page each): every filter, every sort
+#: and ``q`` searches on the order number, the customer's name and the email, alone and combined.
+REPORT_QUERIES: tuple[dict[str, Any], ...] = (
     {},
-    {"status": "paid"},
-    {"channel": ["web", "pos"], "sort": "-total"},
-    {"placed_from": "2025-06-01", "placed_to": "2025-06-30"},
-    {"min_total": "100", "max_total": "300", "sort": "number"},
     {"q": "lovelace"},
+    {"status": "paid"},
+    {"q": "A-01234"},
+    {"channel": ["web", "pos"], "sort": "-total"},
+    {"q": "customer4242@"},
+    {"placed_from": "2025-06-01", "placed_to": "2025-06-30"},
+    {"q": "hopper", "sort": "-total"},
+    {"min_total": "100", "max_total": "300", "sort": "number"},
+    {"q": "customer777", "status": "refunded"},
+    {"sort": "placed_at"},
+    {"q": "a-0499", "sort": "number"},
+    {"sort": "-number", "channel": "phone"},
+    {"q": "example.test", "sort": "total"},
 )
+#: Pause between two status requests while waiting for an export (seconds).
+POLL_SECONDS = 0.1
 TEXT_KEYS = ("number", "customer_name", "customer_email", "status", "channel", "currency")
 
 
@@ -276,6 +289,7 @@ def run_export(
     watch_progress: bool = False,
     options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    posted_at = dt.datetime.now(dt.UTC)
     started = time.perf_counter()
     response = client.post(
         "/api/v1/accounts/acme/order-exports",
@@ -287,7 +301,10 @@ def run_export(
     changes: list[float] = []
     last_rows = -1
     while export["state"] in ("queued", "running"):
-        time.sleep(0.01 if not watch_progress else 0.05)
+        # Polled gently: a status request every 10 ms costs the API and PostgreSQL about half
+        # a core on this machine, which the export under test would lose. POST -> ready is
+        # taken from the server's own finished_at instead of the poll that sees it.
+        time.sleep(POLL_SECONDS)
         export = client.get(f"/api/v1/order-exports/{export['id']}").json()["export"]
         if (
             watch_progress
@@ -296,7 +313,7 @@ def run_export(
         ):
             last_rows = export["progress"]["rows_written"]
             changes.append(time.perf_counter())
-    wall = time.perf_counter() - started
+    observed = time.perf_counter() - started
     if export["state"] != "ready":
         raise RuntimeError(f"export ended {export['state']}: {export['error']}")
     created = dt.datetime.fromisoformat(export["created_at"])
@@ -306,7 +323,10 @@ def run_export(
     return {
         "id": export["id"],
         "download_url": export["download_url"],
-        "wall_seconds": wall,
+        # POST sent (this machine's clock) -> the worker's ready transition (the server's
+        # clock: the same machine).
+        "wall_seconds": (finished - posted_at).total_seconds(),
+        "observed_seconds": observed,
         "post_seconds": post_seconds,
         "worker_seconds": (finished - begun).total_seconds(),
         "queue_wait_seconds": (begun - created).total_seconds(),
@@ -317,44 +337,6 @@ def run_export(
     }
 
 
-#: Bytes per read when timing downloads (1 MiB).
-DOWNLOAD_CHUNK = 1 << 20
-
-
-def download_through_api(client: httpx2.Client, url: str) -> int:
-    """GET the signed link as a client does; the bytes are counted and dropped.
-
-    With curl on the machine it is the client (a Python client tops out below the server's
-    speed); otherwise httpx.
-    """
-    curl = shutil.which("curl")
-    if curl is not None:
-        token = client.headers["Authorization"]
-        written = subprocess.run(
-            [
-                curl,
-                "-sSf",
-                "-o",
-                os.devnull,
-                "-w",
-                "%{size_download}",
-                "-H",
-                f"Authorization: {token}",
-                url,
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        return int(written)
-    size = 0
-    with client.stream("GET", url) as response:
-        response.raise_for_status()
-        for chunk in response.iter_raw(DOWNLOAD_CHUNK):
-            size += len(chunk)
-    return size
-
-
 def storage_key(database_url: str, export_id: str) -> str:
     engine = create_engine(sqlalchemy_url(database_url))
     with Session(engine) as session:
@@ -362,11 +344,6 @@ def storage_key(database_url: str, export_id: str) -> str:
     engine.dispose()
     assert key is not None
     return key
-
-
-def read_from_storage(storage: Storage, key: str) -> int:
-    """The same object read straight from storage (the ceiling of any download path)."""
-    return sum(len(chunk) for chunk in storage.open(key))
 
 
 def post_latencies(client: httpx2.Client, count: int) -> list[float]:
@@ -383,6 +360,43 @@ def post_latencies(client: httpx2.Client, count: int) -> list[float]:
     return latencies
 
 
+def _plan_lines(node: dict[str, Any], depth: int = 0) -> list[str]:
+    """One line per plan node: type, index, actual rows and time, shared buffers."""
+    index = f" using {node['Index Name']}" if "Index Name" in node else ""
+    line = (
+        f"{'  ' * depth}{node['Node Type']}{index}"
+        f" (rows={node.get('Actual Rows')} loops={node.get('Actual Loops')}"
+        f" time={node.get('Actual Total Time')} ms"
+        f" hit={node.get('Shared Hit Blocks')} read={node.get('Shared Read Blocks')})"
+    )
+    lines = [line]
+    for child in node.get("Plans", []):
+        lines.extend(_plan_lines(child, depth + 1))
+    return lines
+
+
+def explain_report_queries(database_url: str) -> list[dict[str, Any]]:
+    """EXPLAIN (ANALYZE, BUFFERS) of the first page of every report query of the load."""
+    engine = create_engine(sqlalchemy_url(database_url))
+    found = []
+    with Session(engine) as session:
+        account = session.scalars(select(Account).where(Account.slug == "acme")).one()
+        for params in REPORT_QUERIES:
+            raw = {k: v if isinstance(v, list) else [v] for k, v in params.items()}
+            query = page_select(account, parse_filters(raw), limit=DEFAULT_PAGE_SIZE)
+            plan = explain(session, query, analyze=True)[0]
+            found.append(
+                {
+                    "query": params,
+                    "execution_ms": plan["Execution Time"],
+                    "planning_ms": plan["Planning Time"],
+                    "plan": _plan_lines(plan["Plan"]),
+                }
+            )
+    engine.dispose()
+    return found
+
+
 def report_load(
     api_url: str,
     token: str,
@@ -390,6 +404,9 @@ def report_load(
     clients: int,
     seconds: float,
     background: Callable[[threading.Event], None] | None,
+    explain_into: list[dict[str, Any]] | None = None,
+    database_url: str | None = None,
+    by_query: dict[int, list[float]] | None = None,
 ) -> list[float]:
     latencies: list[float] = []
     lock = threading.Lock()
@@ -408,8 +425,11 @@ def report_load(
                 c.get(
                     "/api/v1/accounts/acme/orders", params=REPORT_QUERIES[i % len(REPORT_QUERIES)]
                 ).raise_for_status()
+                elapsed = time.perf_counter() - started
                 with lock:
-                    latencies.append(time.perf_counter() - started)
+                    latencies.append(elapsed)
+                    if by_query is not None:
+                        by_query.setdefault(i % len(REPORT_QUERIES), []).append(elapsed)
                 i += 1
 
     threads = [threading.Thread(target=client_loop, args=(n,)) for n in range(clients)]
@@ -417,11 +437,406 @@ def report_load(
         threads.append(threading.Thread(target=background, args=(stop,)))
     for thread in threads:
         thread.start()
-    time.sleep(seconds)
+    if explain_into is not None and database_url is not None:
+        # The plans of every report query, taken in the middle of the load.
+        time.sleep(seconds / 2)
+        started = time.perf_counter()
+        explain_into.extend(explain_report_queries(database_url))
+        time.sleep(max(0.0, seconds / 2 - (time.perf_counter() - started)))
+    else:
+        time.sleep(seconds)
     stop.set()
     for thread in threads:
         thread.join()
     return latencies
+
+
+#: The parts of the benchmark (``--only`` picks some; all run by default).
+SECTIONS = ("export", "report", "lanes", "scale")
+
+
+def cli_env(env: dict[str, str]) -> dict[str, str]:
+    return {**os.environ, **env, "PYTHONPATH": str(ROOT)}
+
+
+def cli(env: dict[str, str], *args: str) -> str:
+    """Run ``orders-export ARGS`` against the stack; its standard output."""
+    return subprocess.run(
+        [sys.executable, "-m", "shared.cli", *args],
+        env=cli_env(env),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
+def export_section(
+    args: argparse.Namespace,
+    results: dict[str, Any],
+    stack: dict[str, Any],
+    dev: subprocess.Popen[str],
+    token: str,
+) -> None:
+    """Floor, naive peers, the product's POST -> ready, gzip, downloads, POST latency, RSS."""
+    env = stack["env"]
+    database_url = env["DATABASE_URL"]
+    account = account_of(database_url)
+    assert floor_copy(database_url, account) == args.rows
+    results["floor_seconds"], results["floor_runs"] = median_time(
+        lambda: floor_copy(database_url, account), args.runs
+    )
+    results["raw_copy_seconds"], _ = median_time(lambda: raw_copy(database_url, account), args.runs)
+    if not args.skip_naive:
+        results["naive_cursor_seconds"], _ = median_time(
+            lambda: naive_cursor(database_url, account), args.runs
+        )
+        results["naive_orm_seconds"], _ = median_time(
+            lambda: naive_orm(database_url, account), args.runs
+        )
+
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx2.Client(
+        base_url=stack["api_url"], headers=headers, timeout=120, trust_env=False
+    ) as client:
+        runs = [run_export(client, {}, watch_progress=(n == 0)) for n in range(args.runs)]
+        results["export_runs"] = runs
+        results["gzip_runs"] = [
+            run_export(client, {}, options={"compression": "gzip"}) for _ in range(args.runs)
+        ]
+        results |= downloads.measure(
+            env=env,
+            token=token,
+            download_url=runs[0]["download_url"],
+            key=storage_key(database_url, runs[0]["id"]),
+            size=runs[0]["bytes"],
+            runs=args.runs,
+        )
+        results["post_latencies_seconds"] = post_latencies(client, 50)
+    results["worker_peak_rss_mib"] = peak_rss_mib(worker_process(dev))
+
+
+def report_section(
+    args: argparse.Namespace, results: dict[str, Any], stack: dict[str, Any], token: str
+) -> None:
+    """The report API under 8 clients, idle and with exports running back to back."""
+    database_url = stack["env"]["DATABASE_URL"]
+    headers = {"Authorization": f"Bearer {token}"}
+    results["report_queries"] = list(REPORT_QUERIES)
+    idle_by_query: dict[int, list[float]] = {}
+    results["report_latencies_idle"] = report_load(
+        stack["api_url"],
+        token,
+        clients=args.load_clients,
+        seconds=args.load_seconds,
+        background=None,
+        by_query=idle_by_query,
+    )
+    results["report_by_query_idle"] = [
+        {
+            "query": REPORT_QUERIES[n],
+            "requests": len(values),
+            "p50_ms": 1000 * percentile(values, 50),
+            "p99_ms": 1000 * percentile(values, 99),
+        }
+        for n, values in sorted(idle_by_query.items())
+    ]
+
+    def exports_running(stop: threading.Event) -> None:
+        with httpx2.Client(
+            base_url=stack["api_url"], headers=headers, timeout=120, trust_env=False
+        ) as c:
+            while not stop.is_set():
+                results.setdefault("report_background_exports", []).append(run_export(c, {}))
+
+    results["report_plans_exporting"] = []
+    results["report_latencies_exporting"] = report_load(
+        stack["api_url"],
+        token,
+        clients=args.load_clients,
+        seconds=args.load_seconds,
+        background=exports_running,
+        explain_into=results["report_plans_exporting"],
+        database_url=database_url,
+    )
+
+
+#: Accounts of the small-export-under-backlog part: a second big one and the small one.
+BIG_ACCOUNT = "bench-big"
+SMALL_ACCOUNT = "bench-small"
+#: Rows of the small export (a fast-lane export with the default EXPORT_FAST_LANE_MAX_ROWS).
+SMALL_ROWS = 20_000
+
+
+def post_export(client: httpx2.Client, slug: str, filters: dict[str, Any]) -> dict[str, Any]:
+    response = client.post(f"/api/v1/accounts/{slug}/order-exports", json={"filters": filters})
+    response.raise_for_status()
+    return dict(response.json()["export"])
+
+
+def get_export(client: httpx2.Client, export_id: str) -> dict[str, Any]:
+    return dict(client.get(f"/api/v1/order-exports/{export_id}").json()["export"])
+
+
+def keep_busy(client: httpx2.Client, slug: str, stop: threading.Event, seen: list[str]) -> None:
+    """Keep two exports of ``slug`` active (one running, one queued behind it) until ``stop``."""
+    active: list[str] = []
+    n = 0
+    while not stop.is_set():
+        active = [i for i in active if get_export(client, i)["state"] in ("queued", "running")]
+        while len(active) < 2:
+            n += 1
+            export = post_export(client, slug, {"max_total": str(1_000_000 + n)})
+            active.append(export["id"])
+            seen.append(export["id"])
+        stop.wait(POLL_SECONDS)
+    for export_id in active:
+        client.post(f"/api/v1/order-exports/{export_id}/cancel")
+
+
+def lanes_section(
+    args: argparse.Namespace, results: dict[str, Any], stack: dict[str, Any], token: str
+) -> None:
+    """Small exports under a backlog of big ones: two big exports of two other accounts running,
+    one more of each queued behind them, and a 20k-row export of a third account, one at a
+    time: its queue wait (created -> claimed) and POST -> ready."""
+    env = stack["env"]
+    started = time.perf_counter()
+    for slug, orders in ((BIG_ACCOUNT, args.rows), (SMALL_ACCOUNT, SMALL_ROWS)):
+        cli(env, "seed", "--account", slug, "--orders", str(orders))
+        cli(env, "users", "create", "--email", "admin@acme.test", "--password",
+            "admin-password", "--account", slug, "--role", "admin")  # fmt: skip
+    results["lanes_seed_seconds"] = time.perf_counter() - started
+    headers = {"Authorization": f"Bearer {token}"}
+    stop = threading.Event()
+    big: list[str] = []
+
+    def busy(slug: str) -> None:
+        with httpx2.Client(
+            base_url=stack["api_url"], headers=headers, timeout=120, trust_env=False
+        ) as c:
+            keep_busy(c, slug, stop, big)
+
+    threads = [threading.Thread(target=busy, args=(slug,)) for slug in ("acme", BIG_ACCOUNT)]
+    samples = []
+    with httpx2.Client(
+        base_url=stack["api_url"], headers=headers, timeout=120, trust_env=False
+    ) as client:
+        for thread in threads:
+            thread.start()
+        try:
+            # Let both big accounts have one export running before the first small one.
+            while sum(get_export(client, i)["state"] == "running" for i in list(big)) < 2:
+                time.sleep(0.05)
+            for n in range(args.lane_samples):
+                posted_at = dt.datetime.now(dt.UTC)
+                export = post_export(client, SMALL_ACCOUNT, {"max_total": str(2_000_000 + n)})
+                while export["state"] in ("queued", "running"):
+                    time.sleep(POLL_SECONDS)
+                    export = get_export(client, export["id"])
+                if export["state"] != "ready":
+                    raise RuntimeError(f"small export ended {export['state']}: {export['error']}")
+                claimed = dt.datetime.fromisoformat(export["started_at"])
+                finished = dt.datetime.fromisoformat(export["finished_at"])
+                wall = (finished - posted_at).total_seconds()
+                running = 0
+                for big_id in list(big):
+                    other = get_export(client, big_id)
+                    if other["started_at"] is None:
+                        continue
+                    start = dt.datetime.fromisoformat(other["started_at"])
+                    end = other["finished_at"]
+                    if start <= claimed and (
+                        end is None or dt.datetime.fromisoformat(end) > claimed
+                    ):
+                        running += 1
+                samples.append(
+                    {
+                        "wall_seconds": wall,
+                        "queue_wait_seconds": (
+                            claimed - dt.datetime.fromisoformat(export["created_at"])
+                        ).total_seconds(),
+                        "rows": export["row_count"],
+                        "big_exports_running_at_claim": running,
+                    }
+                )
+                time.sleep(0.2)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+    results["lanes"] = {"samples": samples, "big_exports_posted": len(big)}
+
+
+def summarize_lanes(lanes: dict[str, Any]) -> dict[str, Any]:
+    samples = lanes["samples"]
+    waits = [x["queue_wait_seconds"] for x in samples]
+    walls = [x["wall_seconds"] for x in samples]
+    return {
+        "small_export_rows": samples[0]["rows"],
+        "small_export_samples": len(samples),
+        "small_queue_wait_p50_s": percentile(waits, 50),
+        "small_queue_wait_p99_s": percentile(waits, 99),
+        "small_post_to_ready_p50_s": percentile(walls, 50),
+        "small_post_to_ready_p99_s": percentile(walls, 99),
+        "small_min_big_running_at_claim": min(x["big_exports_running_at_claim"] for x in samples),
+        "small_samples_claimed_beside_two_big": sum(
+            x["big_exports_running_at_claim"] >= 2 for x in samples
+        ),
+        "big_exports_posted_meanwhile": lanes["big_exports_posted"],
+    }
+
+
+#: Worker processes of the scale-out part, and its load: exports of accounts of rows each.
+SCALE_PROCESSES = (1, 2, 4)
+SCALE_ACCOUNTS = 20
+SCALE_EXPORTS = 40
+
+
+def seed_scale_accounts(database_url: str, *, accounts: int, orders: int) -> None:
+    """``accounts`` accounts of ``orders`` orders, the benchmark user admin of each; the search
+    index is dropped for the whole load and built once at the end."""
+    from sqlalchemy import text
+
+    from shared.identity import ensure_account, find_user, set_membership
+    from shared.models import ORDER_SEARCH_INDEX, Role
+    from shared.seeding import build_search_index, seed_orders
+
+    engine = create_engine(sqlalchemy_url(database_url))
+    with Session(engine) as session, session.begin():
+        user = find_user(session, "admin@acme.test")
+        assert user is not None
+        session.execute(text(f"DROP INDEX IF EXISTS {ORDER_SEARCH_INDEX}"))
+        for n in range(accounts):
+            account = ensure_account(session, slug=f"scale-{n:02d}", name=f"Scale {n}")
+            set_membership(session, account=account, user=user, role=Role.ADMIN)
+            seed_orders(session, account, orders=orders, seed=n, rebuild_index=False)
+        session.execute(text("SET LOCAL maintenance_work_mem = '256MB'"))
+        build_search_index(session)
+        session.execute(text("ANALYZE orders"))
+    engine.dispose()
+
+
+def postgres_cpu_seconds(data_dir: Path) -> float:
+    """User + system CPU of the stack's PostgreSQL so far: the server process (found by its
+    data directory), its live backends, and the backends that already exited (the server reaps
+    them, so their time is in its children's times)."""
+    total = 0.0
+    for process in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if not (process.info["name"] or "").startswith("postgres"):
+                continue
+            if not any(str(data_dir) in arg for arg in process.info["cmdline"] or []):
+                continue
+            times = process.cpu_times()
+            total += times.user + times.system + times.children_user + times.children_system
+            for child in process.children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child_times = child.cpu_times()
+                    total += child_times.user + child_times.system
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total
+
+
+def start_workers(env: dict[str, str], count: int) -> list[subprocess.Popen[bytes]]:
+    """``count`` more worker processes on the stack (no metrics endpoint of their own)."""
+    worker_env = cli_env(env)
+    for name in ("METRICS_PORT", "METRICS_HOST", "PROMETHEUS_MULTIPROC_DIR"):
+        worker_env.pop(name, None)
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "services.worker"],
+            env=worker_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(count)
+    ]
+
+
+def scale_run(client: httpx2.Client, database_url: str, data_dir: Path, n: int) -> dict[str, Any]:
+    """40 exports over 20 accounts posted at once; total time until the last is ready (from
+    the jobs' own finished_at, polled in the database: 40 status requests every 100 ms would
+    cost more CPU than the workers under test get)."""
+    cpu_before = postgres_cpu_seconds(data_dir)
+    posted_at = dt.datetime.now(dt.UTC)
+    started = time.perf_counter()
+    ids = [
+        post_export(
+            client,
+            f"scale-{i % SCALE_ACCOUNTS:02d}",
+            {"max_total": str(3_000_000 + 1000 * n + i)},  # distinct: no duplicate in flight
+        )["id"]
+        for i in range(SCALE_EXPORTS)
+    ]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        while True:
+            row = conn.execute(
+                "SELECT count(*) FILTER (WHERE state IN ('queued', 'running')),"
+                " count(*) FILTER (WHERE state NOT IN ('queued', 'running', 'ready')),"
+                " coalesce(sum(row_count) FILTER (WHERE state = 'ready'), 0), max(finished_at)"
+                " FROM export_jobs WHERE id = ANY(%s::uuid[])",
+                (ids,),
+            ).fetchone()
+            assert row is not None
+            active, failed, rows, last = row
+            if failed:
+                raise RuntimeError(f"{failed} scale-out exports did not end ready")
+            if not active:
+                break
+            time.sleep(0.25)
+    cpu = postgres_cpu_seconds(data_dir) - cpu_before
+    wall = (last - posted_at).total_seconds()
+    return {
+        "total_seconds": wall,
+        "observed_seconds": time.perf_counter() - started,
+        "exports": SCALE_EXPORTS,
+        "rows": int(rows),
+        "exports_per_s": SCALE_EXPORTS / wall,
+        "rows_per_s": int(rows) / wall,
+        "database_cpu_seconds": cpu,
+        "database_cpu_cores": cpu / wall,
+    }
+
+
+def scale_section(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """1, 2 and 4 worker processes against 40 exports of --scale-rows rows over 20 accounts."""
+    extra_env = {"EXPORT_MAX_ACTIVE_PER_USER": str(SCALE_EXPORTS)}
+    runs: dict[str, Any] = {}
+    with (
+        tempfile.TemporaryDirectory(prefix="export-bench-scale-") as tmp,
+        dev_stack(0, Path(tmp), extra_env) as (stack, _),
+    ):
+        env = stack["env"]
+        started = time.perf_counter()
+        seed_scale_accounts(env["DATABASE_URL"], accounts=SCALE_ACCOUNTS, orders=args.scale_rows)
+        results["scale_seed_seconds"] = time.perf_counter() - started
+        token = cli(env, "tokens", "create", "--email", "admin@acme.test")
+        headers = {"Authorization": f"Bearer {token}"}
+        with httpx2.Client(
+            base_url=stack["api_url"], headers=headers, timeout=120, trust_env=False
+        ) as client:
+            for n, processes in enumerate(SCALE_PROCESSES):
+                extra = start_workers(env, processes - 1)
+                try:
+                    time.sleep(5 if extra else 0)  # let them boot and subscribe
+                    runs[str(processes)] = scale_run(client, env["DATABASE_URL"], Path(tmp), n)
+                finally:
+                    for process in extra:
+                        process.send_signal(signal.SIGTERM)
+                    for process in extra:
+                        process.wait(timeout=60)
+    results["scale"] = {"rows_per_export": args.scale_rows, "by_processes": runs}
+
+
+def summarize_scale(scale: dict[str, Any]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for processes, run in scale["by_processes"].items():
+        summary[f"scale_{processes}p_total_s"] = run["total_seconds"]
+        summary[f"scale_{processes}p_exports_per_s"] = run["exports_per_s"]
+        summary[f"scale_{processes}p_rows_per_s"] = run["rows_per_s"]
+        summary[f"scale_{processes}p_db_cpu_cores"] = run["database_cpu_cores"]
+    return summary
 
 
 def main() -> int:
@@ -437,91 +852,41 @@ def main() -> int:
         action="store_true",
         help="skip the slow naive peers (e.g. with --rows 5000000)",
     )
+    parser.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated parts to run (default all: {','.join(SECTIONS)})",
+    )
+    parser.add_argument(
+        "--scale-rows", type=int, default=100_000, help="rows of each scale-out export"
+    )
+    parser.add_argument(
+        "--lane-samples", type=int, default=10, help="small exports timed under the backlog"
+    )
+    parser.add_argument(
+        "--output", type=Path, help="results file (default benchmarks/results/export-<rows>.json)"
+    )
     args = parser.parse_args()
+    sections = [part for part in args.only.split(",") if part]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
 
-    results: dict[str, Any] = {"rows": args.rows, "runs": args.runs}
-    with tempfile.TemporaryDirectory(prefix="export-bench-") as tmp:
-        seeded = time.perf_counter()
-        with dev_stack(args.rows, Path(tmp), {}) as (stack, dev):
-            results["stack_start_seconds"] = time.perf_counter() - seeded
-            env = stack["env"]
-            database_url = env["DATABASE_URL"]
-            account = account_of(database_url)
-            token = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "shared.cli",
-                    "tokens",
-                    "create",
-                    "--email",
-                    "admin@acme.test",
-                ],
-                env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout.strip()
-            assert floor_copy(database_url, account) == args.rows
-            results["floor_seconds"], results["floor_runs"] = median_time(
-                lambda: floor_copy(database_url, account), args.runs
-            )
-            results["raw_copy_seconds"], _ = median_time(
-                lambda: raw_copy(database_url, account), args.runs
-            )
-            if not args.skip_naive:
-                results["naive_cursor_seconds"], _ = median_time(
-                    lambda: naive_cursor(database_url, account), args.runs
-                )
-                results["naive_orm_seconds"], _ = median_time(
-                    lambda: naive_orm(database_url, account), args.runs
-                )
-
-            headers = {"Authorization": f"Bearer {token}"}
-            with httpx2.Client(
-                base_url=stack["api_url"], headers=headers, timeout=120, trust_env=False
-            ) as client:
-                runs = [run_export(client, {}, watch_progress=(n == 0)) for n in range(args.runs)]
-                results["export_runs"] = runs
-                results["gzip_runs"] = [
-                    run_export(client, {}, options={"compression": "gzip"})
-                    for _ in range(args.runs)
-                ]
-                size = runs[0]["bytes"]
-                assert download_through_api(client, runs[0]["download_url"]) == size
-                results["download_api_seconds"], _ = median_time(
-                    lambda: download_through_api(client, runs[0]["download_url"]), args.runs
-                )
-                storage = storage_from_url(env["STORAGE_URL"])
-                key = storage_key(database_url, runs[0]["id"])
-                results["download_storage_seconds"], _ = median_time(
-                    lambda: read_from_storage(storage, key), args.runs
-                )
-                results["post_latencies_seconds"] = post_latencies(client, 50)
-            results["worker_peak_rss_mib"] = peak_rss_mib(worker_process(dev))
-
-            results["report_latencies_idle"] = report_load(
-                stack["api_url"],
-                token,
-                clients=args.load_clients,
-                seconds=args.load_seconds,
-                background=None,
-            )
-
-            def exports_running(stop: threading.Event) -> None:
-                with httpx2.Client(
-                    base_url=stack["api_url"], headers=headers, timeout=120, trust_env=False
-                ) as c:
-                    while not stop.is_set():
-                        run_export(c, {})
-
-            results["report_latencies_exporting"] = report_load(
-                stack["api_url"],
-                token,
-                clients=args.load_clients,
-                seconds=args.load_seconds,
-                background=exports_running,
-            )
+    results: dict[str, Any] = {"rows": args.rows, "runs": args.runs, "sections": sections}
+    if {"export", "report", "lanes"} & set(sections):
+        with tempfile.TemporaryDirectory(prefix="export-bench-") as tmp:
+            seeded = time.perf_counter()
+            with dev_stack(args.rows, Path(tmp), {}) as (stack, dev):
+                results["stack_start_seconds"] = time.perf_counter() - seeded
+                token = cli(stack["env"], "tokens", "create", "--email", "admin@acme.test")
+                if "export" in sections:
+                    export_section(args, results, stack, dev, token)
+                if "report" in sections:
+                    report_section(args, results, stack, token)
+                if "lanes" in sections:
+                    lanes_section(args, results, stack, token)
+    if "scale" in sections:
+        scale_section(args, results)
 
     summary = summarize(results)
     results["summary"] = summary
@@ -530,24 +895,56 @@ def main() -> int:
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(),
         "system": platform.platform(),
+        "load_average_at_end": os.getloadavg(),
     }
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"export-{args.rows}.json"
+    out = args.output or RESULTS / f"export-{args.rows}.json"
     out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print_table(summary)
-    print(f"\nwritten to {out.relative_to(ROOT)}")
+    for row in results.get("report_by_query_idle", []):
+        print(f"idle {row['query']}: p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms")
+    for plan in results.get("report_plans_exporting", []):
+        print(f"\n{plan['query']}: {plan['execution_ms']:.1f} ms")
+        print("\n".join(plan["plan"]))
+    print(f"\nwritten to {out.resolve()}")
     return 0
 
 
 def summarize(r: dict[str, Any]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    if "export_runs" in r:
+        summary.update(summarize_export(r))
+    if "report_latencies_idle" in r:
+        idle, busy = r["report_latencies_idle"], r["report_latencies_exporting"]
+        summary.update(
+            {
+                "report_p50_ms_idle": 1000 * percentile(idle, 50),
+                "report_p99_ms_idle": 1000 * percentile(idle, 99),
+                "report_p50_ms_exporting": 1000 * percentile(busy, 50),
+                "report_p99_ms_exporting": 1000 * percentile(busy, 99),
+                "report_requests_idle": len(idle),
+                "report_requests_exporting": len(busy),
+                "report_exports_during_load": len(r.get("report_background_exports", [])),
+            }
+        )
+        summary["ratio_report_p99_exporting_to_idle"] = (
+            summary["report_p99_ms_exporting"] / summary["report_p99_ms_idle"]
+        )
+    if "lanes" in r:
+        summary.update(summarize_lanes(r["lanes"]))
+    if "scale" in r:
+        summary.update(summarize_scale(r["scale"]))
+    return summary
+
+
+def summarize_export(r: dict[str, Any]) -> dict[str, Any]:
     runs = r["export_runs"]
     wall = statistics.median(x["wall_seconds"] for x in runs)
     worker = statistics.median(x["worker_seconds"] for x in runs)
     mb = runs[0]["bytes"] / 1e6
-    idle, busy = r["report_latencies_idle"], r["report_latencies_exporting"]
     gzip_wall = statistics.median(x["wall_seconds"] for x in r["gzip_runs"])
     gzip_mb = r["gzip_runs"][0]["bytes"] / 1e6
-    summary = {
+    return {
         "floor_copy_s": r["floor_seconds"],
         "raw_copy_select_star_s": r["raw_copy_seconds"],
         "naive_cursor_csv_writer_s": r.get("naive_cursor_seconds"),
@@ -569,24 +966,12 @@ def summarize(r: dict[str, Any]) -> dict[str, Any]:
         "post_p99_ms": 1000 * percentile(r["post_latencies_seconds"], 99),
         "worker_peak_rss_mib": r["worker_peak_rss_mib"],
         "max_progress_gap_s": runs[0]["max_progress_gap_seconds"],
-        "report_p50_ms_idle": 1000 * percentile(idle, 50),
-        "report_p99_ms_idle": 1000 * percentile(idle, 99),
-        "report_p50_ms_exporting": 1000 * percentile(busy, 50),
-        "report_p99_ms_exporting": 1000 * percentile(busy, 99),
-        "report_requests_idle": len(idle),
-        "report_requests_exporting": len(busy),
-        "download_api_mb_per_s": mb / r["download_api_seconds"],
-        "download_storage_mb_per_s": mb / r["download_storage_seconds"],
-        "ratio_download_api_to_storage": r["download_storage_seconds"] / r["download_api_seconds"],
+        **downloads.summarize(r, runs[0]["bytes"]),
         "gzip_export_wall_post_to_ready_s": gzip_wall,
         "ratio_gzip_wall_to_plain_wall": gzip_wall / wall,
         "gzip_file_mb": gzip_mb,
         "ratio_gzip_size_to_plain_size": gzip_mb / mb,
     }
-    summary["ratio_report_p99_exporting_to_idle"] = (
-        summary["report_p99_ms_exporting"] / summary["report_p99_ms_idle"]
-    )
-    return summary
 
 
 def print_table(summary: dict[str, Any]) -> None:

@@ -46,3 +46,24 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """A session whose work is committed on success and rolled back on error."""
     with factory() as session, session.begin():
         yield session
+
+
+def warm_up(engine: Engine, *, connections: int = 2) -> None:
+    """Pay the one-time costs before the first request: the ORM's mapper configuration and a
+    few pooled connections (each a TCP + authentication round trip). A database that is not
+    there yet is not an error here (``/readyz`` reports it; the pool connects later)."""
+    from sqlalchemy import exc, text
+    from sqlalchemy.orm import configure_mappers
+
+    configure_mappers()
+    opened = []
+    try:
+        for _ in range(connections):
+            conn = engine.connect()
+            opened.append(conn)
+            conn.execute(text("SELECT 1"))
+    except exc.OperationalError:
+        pass
+    finally:
+        for conn in opened:
+            conn.close()

@@ -61,6 +61,8 @@ class ExportRequested(Event):
     """A background export was accepted and is waiting for a worker."""
 
     topic: ClassVar[str] = TOPIC_REQUESTED
+    #: The worker lane it goes to: "fast" (small, shared/lanes.py) or "normal".
+    lane: str = "normal"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -39,6 +39,7 @@ from shared.errors import (
 from shared.export_options import COMPRESSIONS, DEFAULT_OPTIONS, job_options
 from shared.filters import OrderFilters, parse_filter_object
 from shared.flags import FlagCache
+from shared.lanes import count_budget, lane_for
 from shared.models import Account, ErrorClass, ExportJob, ExportState, Role, User
 from shared.report import count_rows, estimate_rows
 from shared.runner import ExportRunner, Outcome
@@ -52,9 +53,6 @@ log = logging.getLogger(__name__)
 ACTIVE_CAP_RETRY_AFTER = 30
 #: Longest accepted Idempotency-Key header (characters).
 MAX_IDEMPOTENCY_KEY = 200
-#: Rows the request counts at most (bounded: a big account is never fully counted in a
-#: request); above it the planner's estimate stands in and the worker enforces the cap exactly.
-COUNT_BUDGET = 100_000
 #: Who the pages say deleted a file when no user of the account did (the support CLI).
 SUPPORT_NAME = "support"
 
@@ -214,9 +212,10 @@ def request_export(
     _check_active_cap(session, settings=settings, user=user)
 
     threshold = settings.export_async_threshold_rows
-    rows = count_rows(session, account, filters, bound=max(threshold, COUNT_BUDGET) + 1)
+    budget = count_budget(settings)
+    rows = count_rows(session, account, filters, bound=budget + 1)
     if rows > settings.export_max_rows or (
-        rows > COUNT_BUDGET and estimate_rows(session, account, filters) > settings.export_max_rows
+        rows > budget and estimate_rows(session, account, filters) > settings.export_max_rows
     ):
         raise TooManyRows(
             f"this export would have more than {settings.export_max_rows:,} rows; "
@@ -240,7 +239,8 @@ def request_export(
         enqueued_at=None if inline else func.now(),
     )
     try:
-        lifecycle.request(session, job, actor=f"user:{user.id}", inline=inline)
+        lane = lane_for(rows, settings=settings)
+        lifecycle.request(session, job, actor=f"user:{user.id}", inline=inline, lane=lane)
     except IntegrityError:  # a concurrent identical request won the race
         existing = _existing(session, user, account, digest, idempotency_key)
         if existing is None:

@@ -242,6 +242,21 @@ def token_for(session: Session, token: str) -> ApiToken | None:
     )
 
 
+def token_and_user(session: Session, token: str) -> tuple[ApiToken, User] | None:
+    """Like :func:`token_for`, with the token's (active) user, in one query."""
+    if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+        return None
+    now = dt.datetime.now(dt.UTC)
+    row = session.execute(
+        select(ApiToken, User)
+        .join(User, ApiToken.user_id == User.id)
+        .where(ApiToken.token_sha256 == token_digest(token), ApiToken.revoked_at.is_(None))
+        .where(or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > now))
+        .where(User.is_active.is_(True))
+    ).first()
+    return None if row is None else (row[0], row[1])
+
+
 def user_for_token(session: Session, token: str) -> User | None:
     """The active user owning this unrevoked, unexpired token, or None."""
     found = token_for(session, token)

@@ -31,6 +31,7 @@ from shared.events import (
     ExportStarted,
 )
 from shared.failures import WORKER_LOST, Failure
+from shared.lanes import FAST, NORMAL
 from shared.models import Account, ExportJob, ExportTransition, Notification
 from shared.models import ExportState as S
 
@@ -290,8 +291,11 @@ def _emit(session: Session, job: ExportJob, make: Callable[[str], Any]) -> None:
     outbox.add(session, make(account.slug))
 
 
-def request(session: Session, job: ExportJob, *, actor: str, inline: bool) -> ExportJob:
-    """A new export (-> queued); ``ExportRequested`` unless it is made inside the request.
+def request(
+    session: Session, job: ExportJob, *, actor: str, inline: bool, lane: str = NORMAL
+) -> ExportJob:
+    """A new export (-> queued); ``ExportRequested`` on its worker ``lane`` (shared/lanes.py)
+    unless it is made inside the request.
 
     The insert runs in a savepoint: a concurrent identical request raises ``IntegrityError``
     (the unique in-flight index) and leaves the caller's transaction usable.
@@ -301,16 +305,21 @@ def request(session: Session, job: ExportJob, *, actor: str, inline: bool) -> Ex
         session.add(job)
         session.flush()
     if not inline:
-        _emit(session, job, lambda slug: ExportRequested(export_id=str(job.id), account=slug))
+        _emit(session, job, lambda slug: ExportRequested(
+            export_id=str(job.id), account=slug, lane=lane
+        ))  # fmt: skip
     return job
 
 
 def send_to_workers(session: Session, job: ExportJob) -> ExportJob | None:
-    """A queued inline export that failed transiently goes to the background workers."""
+    """A queued inline export that failed transiently goes to the background workers (the
+    fast lane: it is small by definition, it was to be made in the request)."""
     if job.state is not S.QUEUED:
         return None
     mark_enqueued(session, [job.id])
-    _emit(session, job, lambda slug: ExportRequested(export_id=str(job.id), account=slug))
+    _emit(session, job, lambda slug: ExportRequested(
+        export_id=str(job.id), account=slug, lane=FAST
+    ))  # fmt: skip
     return job
 
 

@@ -23,6 +23,7 @@ from sqlalchemy import (
     UniqueConstraint,
     Uuid,
     func,
+    literal_column,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -47,9 +48,15 @@ ORDER_CHANNELS = ("web", "pos", "marketplace", "phone")
 
 
 #: The text the report's ``q`` filter searches: the three fields joined by a unit separator
-#: (U+001F), which ``q`` may not contain, so a match never spans two fields. No trigram index
-#: backs it: keeping one up to date made bulk inserts 3x slower (docs/architecture.md).
-ORDER_SEARCH_DOCUMENT_SQL = "lower(number || chr(31) || customer_name || chr(31) || customer_email)"
+#: (U+001F), which ``q`` may not contain, so a match never spans two fields. A pg_trgm GIN index
+#: on exactly this expression (``orders_search_trgm_idx``) serves the ``LIKE '%q%'``
+#: (docs/performance.md); bulk seeding builds it after the load (shared/seeding.py). Written as
+#: PostgreSQL prints it back, so Alembic compares the index cleanly.
+ORDER_SEARCH_DOCUMENT_SQL = (
+    "lower((((number || chr(31)) || customer_name) || chr(31)) || customer_email)"
+)
+#: Name of the trigram index on the search document.
+ORDER_SEARCH_INDEX = "orders_search_trgm_idx"
 
 
 def _now() -> Mapped[dt.datetime]:
@@ -171,6 +178,13 @@ class Order(Base):
         Index("orders_account_placed_at_idx", "account_id", "placed_at", "id"),
         Index("orders_account_total_idx", "account_id", "total", "id"),
         # The number sort uses orders_account_number_key (numbers are unique per account).
+        # The ``q`` search: trigrams of the search document (pg_trgm, migration 0005).
+        Index(
+            ORDER_SEARCH_INDEX,
+            literal_column(ORDER_SEARCH_DOCUMENT_SQL).label("search_document"),
+            postgresql_using="gin",
+            postgresql_ops={"search_document": "gin_trgm_ops"},
+        ),
     )
 
 

@@ -135,15 +135,10 @@ def _decode_cursor(cursor: str, filters: OrderFilters) -> tuple[Any, int]:
     return typed, order_id
 
 
-def fetch_page(
-    session: Session,
-    account: Account,
-    filters: OrderFilters,
-    *,
-    limit: int = DEFAULT_PAGE_SIZE,
-    cursor: str | None = None,
-) -> ReportPage:
-    """One page of the report, walking the sort's index from ``cursor`` (keyset pagination)."""
+def page_select(
+    account: Account, filters: OrderFilters, *, limit: int, cursor: str | None = None
+) -> Select[*tuple[Any, ...]]:
+    """The query of one report page: ``limit + 1`` rows (the extra one tells a next page)."""
     sort_column, descending = _sort_key(filters)
     query = report_select(account, filters, guard_formulas=False).add_columns(
         sort_column.label("_sort_value"), Order.id.label("_order_id")
@@ -153,7 +148,20 @@ def fetch_page(
         position = tuple_(sort_column, Order.id)
         boundary = tuple_(bindparam("cursor_value", value, type_=sort_column.type), order_id)
         query = query.where(position < boundary if descending else position > boundary)
-    result = session.execute(query.limit(limit + 1)).mappings().all()
+    return query.limit(limit + 1)
+
+
+def fetch_page(
+    session: Session,
+    account: Account,
+    filters: OrderFilters,
+    *,
+    limit: int = DEFAULT_PAGE_SIZE,
+    cursor: str | None = None,
+) -> ReportPage:
+    """One page of the report, walking the sort's index from ``cursor`` (keyset pagination)."""
+    query = page_select(account, filters, limit=limit, cursor=cursor)
+    result = session.execute(query).mappings().all()
     keys = [c.key for c in COLUMNS]
     rows = [{key: row[key] for key in keys} for row in result[:limit]]
     next_cursor = None
@@ -173,12 +181,17 @@ def count_rows(session: Session, account: Account, filters: OrderFilters, *, bou
     return int(session.execute(count_select(account, filters, bound=bound)).scalar_one())
 
 
+def explain(session: Session, query: Select[Any], *, analyze: bool = False) -> Any:
+    """PostgreSQL's plan of ``query`` as JSON (with ``analyze``: run, with timings and buffers)."""
+    compiled = query.compile(session.get_bind(), compile_kwargs={"render_postcompile": True})
+    options = "ANALYZE, BUFFERS, FORMAT JSON" if analyze else "FORMAT JSON"
+    result = session.connection().exec_driver_sql(
+        f"EXPLAIN ({options}) {compiled}", compiled.params
+    )
+    return result.scalar_one()
+
+
 def estimate_rows(session: Session, account: Account, filters: OrderFilters) -> int:
     """The planner's row estimate for the report query (no rows are read)."""
-    query = select(Order.id).where(*filter_conditions(account, filters))
-    compiled = query.compile(session.get_bind(), compile_kwargs={"render_postcompile": True})
-    result = session.connection().exec_driver_sql(
-        f"EXPLAIN (FORMAT JSON) {compiled}", compiled.params
-    )
-    plan = result.scalar_one()
+    plan = explain(session, select(Order.id).where(*filter_conditions(account, filters)))
     return int(plan[0]["Plan"]["Plan Rows"])

@@ -4,15 +4,21 @@ Every value is a function of (seed, row number) through ``hashint8extended``, so
 ``--seed`` always produces the same orders. Orders are placed in number order across the seeded
 period, as in a real shop; this also keeps three of the four indexes append-only, which makes
 500,000 orders take seconds.
+
+The ``q`` search's trigram index (``orders_search_trgm_idx``) costs far more to keep up to date
+row by row than to build once, so a bulk load that at least doubles the orders table drops it
+and builds it again after the insert (in the same transaction; readers of ``orders`` wait for
+the seed to commit). Smaller loads insert with the index in place, as production inserts do.
 """
 
 from __future__ import annotations
 
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
+from sqlalchemy.schema import CreateIndex
 
 from shared.identity import ensure_account, find_user, set_membership, upsert_user
-from shared.models import Account, Order, Role
+from shared.models import ORDER_SEARCH_INDEX, Account, Base, Order, Role
 from shared.settings import Settings
 
 #: Demo login of the account admin (also in the README).
@@ -41,6 +47,10 @@ CURRENCIES = ("EUR", "USD", "GBP", "CHF")
 #: First instant of the seeded period; orders spread over the two years after it.
 PERIOD_START = "2025-01-01T00:00:00+00:00"
 PERIOD_SECONDS = 2 * 365 * 86400
+#: Loads smaller than this always insert with the search index in place.
+REBUILD_MIN_ORDERS = 50_000
+#: Memory for building the search index after a bulk load (GIN builds are faster with more).
+REBUILD_MAINTENANCE_WORK_MEM = "256MB"
 
 _INSERT = text(
     """
@@ -87,12 +97,44 @@ def order_count(session: Session, account: Account) -> int:
     return int(session.scalar(select(func.count()).where(Order.account_id == account.id)) or 0)
 
 
-def seed_orders(session: Session, account: Account, *, orders: int, seed: int = 0) -> int:
-    """Add ``orders`` orders to ``account``; numbers continue after the existing ones."""
+def _table_rows(session: Session) -> int:
+    """The orders table's row count as the statistics have it (no scan)."""
+    rows = session.scalar(text("SELECT reltuples FROM pg_class WHERE oid = 'orders'::regclass"))
+    return max(0, int(rows or 0))
+
+
+def rebuilds_search_index(session: Session, orders: int) -> bool:
+    """True when a load of ``orders`` orders builds the search index after the insert."""
+    return orders >= REBUILD_MIN_ORDERS and orders >= _table_rows(session)
+
+
+def build_search_index(session: Session) -> None:
+    """Create the search index (after a bulk load that dropped it)."""
+    (index,) = (i for i in Base.metadata.tables["orders"].indexes if i.name == ORDER_SEARCH_INDEX)
+    session.execute(CreateIndex(index, if_not_exists=True))
+
+
+def seed_orders(
+    session: Session,
+    account: Account,
+    *,
+    orders: int,
+    seed: int = 0,
+    rebuild_index: bool | None = None,
+) -> int:
+    """Add ``orders`` orders to ``account``; numbers continue after the existing ones.
+
+    ``rebuild_index``: drop the search index and build it after the insert (None: when the
+    load at least doubles the table, see :func:`rebuilds_search_index`; False: insert into the
+    index as it is, e.g. when the caller dropped it for several loads and builds it at the end).
+    """
     if orders < 0:
         raise ValueError("orders must be >= 0")
     first = order_count(session, account) + 1
     if orders:
+        rebuild = rebuilds_search_index(session, orders) if rebuild_index is None else rebuild_index
+        if rebuild:
+            session.execute(text(f"DROP INDEX IF EXISTS {ORDER_SEARCH_INDEX}"))
         session.execute(
             _INSERT,
             {
@@ -108,7 +150,13 @@ def seed_orders(session: Session, account: Account, *, orders: int, seed: int = 
                 "currencies": list(CURRENCIES),
             },
         )
-        # Fresh statistics, or the planner sorts half a million rows it thinks are a thousand.
+        if rebuild:
+            session.execute(
+                text(f"SET LOCAL maintenance_work_mem = '{REBUILD_MAINTENANCE_WORK_MEM}'")
+            )
+            build_search_index(session)
+        # Fresh statistics, or the planner sorts half a million rows it thinks are a thousand
+        # (this also gathers the search expression's statistics, through its index).
         session.execute(text("ANALYZE orders"))
     return orders
 

@@ -104,6 +104,12 @@ class Settings(BaseSettings):
     consumer_max_retry_seconds: int = Field(600, ge=1, le=86_400)
     #: Threads of the worker pool that serves the ``exports`` queue.
     export_worker_threads: int = Field(2, ge=1, le=32)
+    #: Background exports of at most this many rows (counted at the request, which counts up to
+    #: the larger of this and EXPORT_ASYNC_THRESHOLD_ROWS) go to the fast lane, served by
+    #: threads of their own (shared/lanes.py; 0 = no fast lane).
+    export_fast_lane_max_rows: int = Field(50_000, ge=0, le=100_000)
+    #: Threads of each worker process that serve only the fast lane (``exports.fast`` queue).
+    export_fast_lane_threads: int = Field(1, ge=1, le=8)
     #: A queued job whose work message is older than this is sent again (seconds).
     export_requeue_after_seconds: int = Field(120, ge=10)
     #: Cap on how fast one export streams rows out of PostgreSQL (bytes/s; 0 = no cap). A brake

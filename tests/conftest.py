@@ -16,6 +16,29 @@ from shared.migrate import upgrade
 from shared.settings import Settings
 
 TEMPLATE_DB = "orders_export_template"
+#: Modules that take a minute or more, longest first. They are collected before all others so
+#: that ``make test`` (pytest-xdist, whole modules per worker) starts them first and no long module
+#: is left to run alone at the end.
+SLOW_MODULES = (
+    "tests/faults/test_worker_chaos.py",
+    "tests/faults/test_infrastructure.py",
+    "tests/integration/test_support_cli.py",
+    "tests/load/test_load.py",
+    "tests/e2e/test_operations.py",
+    "tests/integration/test_cli.py",
+    "tests/faults/test_processes.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Put the tests of :data:`SLOW_MODULES` first (a stable sort: the rest keep their order)."""
+    rank = {name: n for n, name in enumerate(SLOW_MODULES)}
+    root = config.rootpath
+
+    def key(item: pytest.Item) -> int:
+        return rank.get(item.path.relative_to(root).as_posix(), len(rank))
+
+    items.sort(key=key)
 
 
 def _with_database(url: str, name: str) -> str:

@@ -22,7 +22,7 @@ from services.api.clients import trusted_networks
 from services.api.errors import handle_domain_error, handle_http_exception
 from services.api.middleware import BodyLimitMiddleware, SecurityHeadersMiddleware
 from shared import downloads, logredact
-from shared.db import make_engine, make_sessionmaker
+from shared.db import make_engine, make_sessionmaker, warm_up
 from shared.errors import OrdersExportError
 from shared.flags import FlagCache
 from shared.settings import Settings, load_settings
@@ -40,6 +40,10 @@ def _static_url(settings: Settings) -> Callable[[str], str]:
         return f"{base}/static/{path}"
 
     return static_url
+
+
+#: How long the stop waits for the start's warm-up thread (seconds).
+WARM_UP_JOIN_SECONDS = 10
 
 
 def app_routes() -> list[BaseRoute]:
@@ -88,7 +92,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         metrics_port = health.MetricsPort(settings) if settings.metrics_port else None
+        # The first request should not pay the one-time setup; a database that is slow to
+        # answer must not hold the start up either, hence a thread of its own.
+        warming = threading.Thread(target=warm_up, args=(engine,), name="warm-up", daemon=True)
+        warming.start()
         yield
+        warming.join(WARM_UP_JOIN_SECONDS)  # its connections go back to the pool before dispose
         if metrics_port is not None:
             metrics_port.stop()
         runner = getattr(app.state, "runner", None)

@@ -18,7 +18,7 @@ from shared.errors import CsrfFailed, Unauthenticated
 from shared.identity import (
     end_web_session,
     needs_touch,
-    token_for,
+    token_and_user,
     touch_token,
     touch_web_session,
     web_session,
@@ -107,13 +107,14 @@ def identify(request: Request, session: Session) -> Caller | None:
     """The caller, from ``Authorization: Bearer`` first, then the session cookie."""
     token = bearer_token(request)
     if token is not None:
-        found = token_for(session, token)
+        found = token_and_user(session, token)  # one query for the token and its user
         if found is None:
             raise Unauthenticated("invalid, expired or revoked token")
-        if needs_touch(found.last_used_at):
-            token_id = found.id
+        api_token, owner = found
+        if needs_touch(api_token.last_used_at):
+            token_id = api_token.id
             _in_own_transaction(request, lambda writer: touch_token(writer, token_id))
-        return Caller(session.get_one(User, found.user_id), via_session=False)
+        return Caller(owner, via_session=False)
     user = _session_user(request, session)
     return None if user is None else Caller(user, via_session=True)
 

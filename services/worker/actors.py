@@ -7,6 +7,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import dramatiq
@@ -17,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared import lifecycle
 from shared.db import transaction
+from shared.lanes import FAST, NORMAL
 from shared.runner import ExportRunner, Outcome
 from shared.settings import DEFAULT_STATEMENT_TIMEOUT_SECONDS, Settings
 
@@ -24,8 +26,14 @@ log = logging.getLogger(__name__)
 
 #: Queue of export work; served by its own worker pool so it never starves other work.
 EXPORTS_QUEUE = "exports"
+#: Queue of the fast lane (small exports, shared/lanes.py), served by threads of its own.
+FAST_QUEUE = "exports.fast"
+#: Queue of each lane.
+LANE_QUEUES = {NORMAL: EXPORTS_QUEUE, FAST: FAST_QUEUE}
 #: Name of the actor (namespaced: <area>.<verb>).
 GENERATE_CSV = "exports.generate_csv"
+#: The same work on the fast lane's queue.
+GENERATE_CSV_FAST = "exports.generate_csv_fast"
 #: Wait before trying an export again whose account already has one running (milliseconds).
 BUSY_DELAY_MS = 2_000
 #: Wait before looking again while workers are paused (milliseconds).
@@ -75,9 +83,16 @@ class Actors:
     """The declared actors, for senders (Kafka bridge, maintenance) and the worker."""
 
     generate_csv: dramatiq.Actor[[str], None]
+    #: The fast lane's actor (queue ``exports.fast``); None in tests that declare one lane.
+    generate_csv_fast: dramatiq.Actor[[str], None] | None = None
 
-    def send_generate(self, export_id: str, *, delay_ms: int | None = None) -> None:
-        self.generate_csv.send_with_options(args=(export_id,), delay=delay_ms)
+    def send_generate(
+        self, export_id: str, *, delay_ms: int | None = None, lane: str = NORMAL
+    ) -> None:
+        actor = self.generate_csv
+        if lane == FAST and self.generate_csv_fast is not None:
+            actor = self.generate_csv_fast
+        actor.send_with_options(args=(export_id,), delay=delay_ms)
 
     def waiting_export_ids(self) -> set[str]:
         """Export ids with a work message in the exports queue: waiting in Redis, or fetched
@@ -88,7 +103,8 @@ class Actors:
         client = broker.client  # type: ignore[attr-defined]
         namespace = broker.namespace  # type: ignore[attr-defined]
         found: set[str] = set()
-        for raw in client.hvals(f"{namespace}:{EXPORTS_QUEUE}.msgs"):
+        raws = [raw for q in LANE_QUEUES.values() for raw in client.hvals(f"{namespace}:{q}.msgs")]
+        for raw in raws:
             try:
                 args = json.loads(raw).get("args") or []
             except (ValueError, AttributeError):
@@ -107,7 +123,7 @@ def declare_actors(
 ) -> Actors:
     """Declare the actors on ``broker``; ``runner`` may be None in processes that only send."""
 
-    def generate_csv(export_id: str) -> None:
+    def generate(lane: str, export_id: str) -> None:
         if runner is None:
             raise RuntimeError("this process only sends messages")
         result = runner.run(uuid.UUID(export_id))
@@ -122,20 +138,31 @@ def declare_actors(
             # Still queued: come back later (Dramatiq holds the delayed message in Redis).
             with transaction(sessions) as session:
                 lifecycle.mark_enqueued(session, [uuid.UUID(export_id)])
-            _send_later(actors, export_id, delay_ms=delay_ms)
+            _send_later(actors, export_id, delay_ms=delay_ms, lane=lane)
 
-    actor = dramatiq.actor(
-        actor_name=GENERATE_CSV,
-        queue_name=EXPORTS_QUEUE,
-        broker=broker,
-        max_retries=0,  # retries are decided by ExportRunner (classified errors, attempts in PG)
-        time_limit=time_limit_ms(statement_timeout_seconds),
-    )(generate_csv)
-    actors = Actors(generate_csv=actor)
+    def generate_csv(export_id: str) -> None:
+        generate(NORMAL, export_id)
+
+    def generate_csv_fast(export_id: str) -> None:
+        generate(FAST, export_id)
+
+    def declare(name: str, queue: str, fn: Callable[[str], None]) -> dramatiq.Actor[[str], None]:
+        return dramatiq.actor(
+            actor_name=name,
+            queue_name=queue,
+            broker=broker,
+            max_retries=0,  # retries are decided by ExportRunner (classified errors, PG attempts)
+            time_limit=time_limit_ms(statement_timeout_seconds),
+        )(fn)
+
+    actors = Actors(
+        generate_csv=declare(GENERATE_CSV, EXPORTS_QUEUE, generate_csv),
+        generate_csv_fast=declare(GENERATE_CSV_FAST, FAST_QUEUE, generate_csv_fast),
+    )
     return actors
 
 
-def _send_later(actors: Actors, export_id: str, *, delay_ms: int) -> None:
+def _send_later(actors: Actors, export_id: str, *, delay_ms: int, lane: str = NORMAL) -> None:
     """Send the still-queued job's next work message, riding out a short Redis outage.
 
     Raising here would only dead-letter the message being processed; the job would still wait
@@ -144,7 +171,7 @@ def _send_later(actors: Actors, export_id: str, *, delay_ms: int) -> None:
     """
     for attempt in range(1, RESEND_ATTEMPTS + 1):
         try:
-            actors.send_generate(export_id, delay_ms=delay_ms)
+            actors.send_generate(export_id, delay_ms=delay_ms, lane=lane)
             return
         except (RedisConnectionError, RedisTimeoutError) as exc:
             if attempt == RESEND_ATTEMPTS:

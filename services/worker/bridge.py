@@ -1,4 +1,5 @@
-"""Kafka -> Dramatiq: every ExportRequested becomes an ``exports.generate_csv`` message.
+"""Kafka -> Dramatiq: every ExportRequested becomes an ``exports.generate_csv`` message (on the
+queue of the lane the request chose: shared/lanes.py).
 
 The offset is stored only after the message is in Redis (ConsumerLoop does that when the
 handler returns), so a crash in between re-delivers the request; the claim in PostgreSQL makes
@@ -19,7 +20,7 @@ GROUP_ID = "orders-export-worker"
 def make_bridge(settings: Settings, actors: Actors) -> ConsumerLoop:
     def handle(event: Event) -> None:
         if isinstance(event, ExportRequested):
-            actors.send_generate(event.export_id)
+            actors.send_generate(event.export_id, lane=event.lane)
 
     return ConsumerLoop(
         settings=settings,

@@ -13,6 +13,7 @@ from dramatiq.common import dq_name
 from services import process
 from services.worker.actors import (
     EXPORTS_QUEUE,
+    FAST_QUEUE,
     add_prometheus_middleware,
     declare_actors,
     make_broker,
@@ -57,7 +58,10 @@ def main() -> int:
         print(f"worker: {exc.message}", file=sys.stderr)
         return process.EXIT_CONFIGURATION
     storage.prepare()
-    engine = make_engine(settings.database_url, pool_size=settings.export_worker_threads + 4)
+    engine = make_engine(
+        settings.database_url,
+        pool_size=settings.export_worker_threads + settings.export_fast_lane_threads + 4,
+    )
     sessions = make_sessionmaker(engine)
     runner = ExportRunner(
         settings=settings, sessions=sessions, storage=storage, flags=FlagCache(sessions)
@@ -80,7 +84,7 @@ def main() -> int:
         sessions=sessions,
         redis_client=broker.client,
         namespace=broker.namespace,
-        queues=(EXPORTS_QUEUE, dq_name(EXPORTS_QUEUE)),
+        queues=(EXPORTS_QUEUE, dq_name(EXPORTS_QUEUE), FAST_QUEUE, dq_name(FAST_QUEUE)),
         consumer_groups={GROUP_ID: (TOPIC_REQUESTED,), NOTIFIER_GROUP: (TOPIC_LIFECYCLE,)},
     )
     try:
@@ -100,7 +104,16 @@ def main() -> int:
         worker_threads=settings.export_worker_threads,
         worker_timeout=CONSUMER_WAIT_MS,
     )
+    # The fast lane (shared/lanes.py): threads that only take small exports, so those never
+    # wait for a thread that a big export holds.
+    fast_worker = Worker(
+        broker,
+        queues={FAST_QUEUE},
+        worker_threads=settings.export_fast_lane_threads,
+        worker_timeout=CONSUMER_WAIT_MS,
+    )
     worker.start()
+    fast_worker.start()
     bridge = make_bridge(settings, actors)
     maintenance = Maintenance(settings=settings, sessions=sessions, storage=storage, actors=actors)
     threads = [
@@ -110,13 +123,18 @@ def main() -> int:
     ]
     for thread in threads:
         thread.start()
-    log.info("worker: started (%d export threads)", settings.export_worker_threads)
+    log.info(
+        "worker: started (%d export threads, %d fast-lane threads)",
+        settings.export_worker_threads,
+        settings.export_fast_lane_threads,
+    )
     stop.wait()
     # Stop claiming at once; running exports get the grace, then go back to the queue with their
     # attempt refunded. Whole stop: grace (<= 20 s) + hand-back + joins, within compose's 30 s.
     grace = settings.worker_shutdown_grace_seconds
     log.info("worker: stopping; running exports get %d s, then are handed back", grace)
     hand_back = runner.drain(grace_seconds=grace)
+    fast_worker.stop(timeout=(grace + HAND_BACK_SECONDS) * 1000)
     worker.stop(timeout=(grace + HAND_BACK_SECONDS) * 1000)
     hand_back.cancel()
     for thread in threads:

@@ -20,11 +20,14 @@ from pathlib import Path
 
 from shared.devstack.errors import ChildExitedError, StartupTimeoutError
 from shared.devstack.pids import live_pid_from_file, wait_gone, write_pid_file
+from shared.settings import MAX_SHUTDOWN_GRACE_SECONDS
 
 logger = logging.getLogger(__name__)
 
-#: How long a child gets between SIGTERM and SIGKILL (seconds).
-STOP_TIMEOUT = 10.0
+#: How long a child gets between SIGTERM and SIGKILL (seconds): longer than a worker's longest
+#: stop (WORKER_SHUTDOWN_GRACE_SECONDS at its maximum, then handing running exports back), so
+#: that stopping the dev stack never kills an export it could still finish or hand back.
+STOP_TIMEOUT = MAX_SHUTDOWN_GRACE_SECONDS + 15.0
 #: How long to wait for a SIGKILLed process to disappear (seconds).
 KILL_TIMEOUT = 5.0
 #: How often readiness checks look again (seconds).

@@ -1,0 +1,284 @@
+"""Download throughput of one export's file, every way a client can get it, in ONE run.
+
+Used by ``benchmarks/export.py`` (``make bench``) on its 500k file; alone it makes a stack and an
+export of its own::
+
+    python benchmarks/downloads.py [--rows 100000] [--runs 3]
+
+A client always downloads over a socket, so each path is timed with the same client (curl into
+/dev/null) and compared with the fastest read of the same bytes that path competes with:
+
+- **local storage** (a directory, the dev stack's default): the API streaming the file (every
+  check, the audit row) against (a) the file read in-process from storage (no socket at all:
+  the memory-copy ceiling) and (b) the same file sent by a zero-copy ``os.sendfile`` loopback
+  server (the ceiling of ANY HTTP download on this machine, no Python per byte);
+- **S3 storage** (moto's S3 server on loopback, the stand-in for MinIO here): the object fetched
+  directly from storage with a presigned URL, against a second API process on the same database
+  and S3 storage that (c) streams the object (``EXPORT_DOWNLOAD_REDIRECT_SECONDS=0``) and (d)
+  answers ``302`` to a presigned URL (``=60``; the client then fetches from storage).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from shared.devstack.ports import free_port
+from shared.storage import storage_from_url
+from shared.storage.local import LocalStorage
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Keys of the S3 test server (any non-empty pair works with moto).
+S3_KEYS = ("bench-access", "bench-secret-key-0123456789")
+
+
+def curl(url: str, *, token: str | None = None) -> tuple[int, str]:
+    """GET ``url`` into /dev/null with curl: (bytes received, redirect location or "")."""
+    report = "%{http_code} %{size_download} %{redirect_url}"
+    command = ["curl", "-sS", "-o", os.devnull, "-w", report]
+    if token is not None:
+        command += ["-H", f"Authorization: Bearer {token}"]
+    out = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout
+    code, size, *location = out.split(" ", 2)
+    if code not in {"200", "302"}:
+        raise RuntimeError(f"GET {url} answered {code}")
+    return int(size), "".join(location).strip()
+
+
+def interleaved(paths: dict[str, Callable[[], int]], runs: int, expected: int) -> dict[str, float]:
+    """Median seconds of each path over ``runs`` rounds; each round runs every path once, so a
+    busy moment of the machine falls on all of them alike. Each must return ``expected`` bytes.
+    """
+    timings: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(runs):
+        for name, fn in paths.items():
+            started = time.perf_counter()
+            got = fn()
+            timings[name].append(time.perf_counter() - started)
+            if got != expected:
+                raise RuntimeError(f"{name}: read {got:,} bytes, expected {expected:,}")
+    return {name: statistics.median(values) for name, values in timings.items()}
+
+
+@contextmanager
+def sendfile_server(path: Path) -> Iterator[str]:
+    """A minimal HTTP/1.1 server on loopback that answers every GET with ``path`` by sendfile."""
+    size = path.stat().st_size
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn, path.open("rb") as file:
+                conn.recv(65536)
+                head = f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n"
+                conn.sendall(head.encode())
+                offset = 0
+                while offset < size:
+                    offset += os.sendfile(conn.fileno(), file.fileno(), offset, size - offset)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/file"
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(timeout=10)
+
+
+@contextmanager
+def s3_server() -> Iterator[str]:
+    """moto's S3 server on a loopback port; yields the STORAGE_URL of its (made) bucket."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        _, port = server.get_host_and_port()
+        url = f"s3://{S3_KEYS[0]}:{S3_KEYS[1]}@127.0.0.1:{port}/exports"
+        storage_from_url(url).prepare()
+        yield url
+    finally:
+        server.stop()
+
+
+@contextmanager
+def api_process(env: dict[str, str]) -> Iterator[str]:
+    """One more API process (uvicorn) with ``env``; yields its base URL once it answers."""
+    port = free_port()
+    child_env = {k: v for k, v in os.environ.items() if k != "METRICS_PORT"} | env
+    child_env["PYTHONPATH"] = str(ROOT)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "services.api.app:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ],
+        env=child_env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the extra API process did not start") from None
+                time.sleep(0.2)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def on_host(url: str, base: str) -> str:
+    """``url`` with its scheme and host replaced by those of ``base`` (same path and query)."""
+    parts = urllib.parse.urlsplit(url)
+    return base + urllib.parse.urlunsplit(("", "", parts.path, parts.query, ""))
+
+
+def measure(
+    *, env: dict[str, str], token: str, download_url: str, key: str, size: int, runs: int
+) -> dict[str, float]:
+    """Seconds (median of ``runs``) of each download path of one stored file of ``size`` bytes.
+
+    ``env``: the running stack's settings (``stack.json``), whose storage is a local directory
+    holding ``key``; ``download_url``: the export's signed link on that stack's API.
+    """
+    if shutil.which("curl") is None:
+        raise RuntimeError("the download benchmark needs curl")
+    local = storage_from_url(env["STORAGE_URL"])
+    assert isinstance(local, LocalStorage), "the benchmark stack stores files in a directory"
+    path = local.root / key
+
+    def through(url: str) -> int:
+        return curl(url, token=token)[0]
+
+    def redirected(url: str) -> int:
+        _, location = curl(url, token=token)
+        if not location:
+            raise RuntimeError("the API did not redirect")
+        return curl(location)[0]
+
+    with (
+        sendfile_server(path) as zero_copy,
+        s3_server() as s3_url,
+        api_process(env | {"STORAGE_URL": s3_url}) as s3_streaming,
+        api_process(
+            env | {"STORAGE_URL": s3_url, "EXPORT_DOWNLOAD_REDIRECT_SECONDS": "60"}
+        ) as s3_redirecting,
+    ):
+        s3 = storage_from_url(s3_url)
+        with path.open("rb") as file:
+            s3.put(key, file)
+        direct = s3.presigned_get(
+            key, expires_seconds=3600, filename="bench.csv", content_type="text/csv"
+        )
+        assert direct is not None
+        paths: dict[str, Callable[[], int]] = {
+            "download_api_seconds": lambda: through(download_url),
+            "download_storage_seconds": lambda: sum(len(chunk) for chunk in local.open(key)),
+            "download_zero_copy_http_seconds": lambda: curl(zero_copy)[0],
+            "download_s3_direct_seconds": lambda: curl(direct)[0],
+            "download_s3_api_stream_seconds": lambda: through(on_host(download_url, s3_streaming)),
+            "download_s3_api_redirect_seconds": lambda: redirected(
+                on_host(download_url, s3_redirecting)
+            ),
+            # the 302 alone: what the API adds to a redirected download (checks, audit row)
+            "download_s3_api_redirect_answer_seconds": lambda: (
+                size if curl(on_host(download_url, s3_redirecting), token=token)[1] else 0
+            ),
+        }
+        return interleaved(paths, runs, size)
+
+
+def summarize(r: dict[str, Any], size: int) -> dict[str, float]:
+    """MB/s of each path and the ratios the targets are about (higher is better)."""
+    mb = size / 1e6
+    api, s3_direct = r["download_api_seconds"], r["download_s3_direct_seconds"]
+    return {
+        "download_api_mb_per_s": mb / api,
+        "download_storage_mb_per_s": mb / r["download_storage_seconds"],
+        "download_zero_copy_http_mb_per_s": mb / r["download_zero_copy_http_seconds"],
+        "ratio_download_api_to_storage": r["download_storage_seconds"] / api,
+        "ratio_download_api_to_zero_copy_http": r["download_zero_copy_http_seconds"] / api,
+        "download_s3_direct_mb_per_s": mb / s3_direct,
+        "download_s3_api_stream_mb_per_s": mb / r["download_s3_api_stream_seconds"],
+        "download_s3_api_redirect_mb_per_s": mb / r["download_s3_api_redirect_seconds"],
+        "ratio_download_s3_stream_to_direct": s3_direct / r["download_s3_api_stream_seconds"],
+        "ratio_download_s3_redirect_to_direct": s3_direct / r["download_s3_api_redirect_seconds"],
+        "download_s3_redirect_answer_ms": 1000 * r["download_s3_api_redirect_answer_seconds"],
+    }
+
+
+def main() -> int:
+    import argparse
+    import json
+    import tempfile
+
+    import httpx2
+    from export import dev_stack, run_export, storage_key
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp, dev_stack(args.rows, Path(tmp), {}) as (stack, _):
+        env = stack["env"]
+        token = subprocess.run(
+            [sys.executable, "-m", "shared.cli", "tokens", "create", "--email", "admin@acme.test"],
+            env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        headers = {"Authorization": f"Bearer {token}"}
+        with httpx2.Client(
+            base_url=stack["api_url"], headers=headers, timeout=120, trust_env=False
+        ) as client:
+            export = run_export(client, {})
+        key = storage_key(env["DATABASE_URL"], export["id"])
+        raw = measure(
+            env=env,
+            token=token,
+            download_url=export["download_url"],
+            key=key,
+            size=export["bytes"],
+            runs=args.runs,
+        )
+    print(json.dumps(raw | summarize(raw, export["bytes"]), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
