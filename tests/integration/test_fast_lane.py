@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from services.worker.actors import Actors
 from shared.db import transaction
 from shared.devstack.children import python_env
-from shared.devstack.kafka_broker import KafkaBroker
 from shared.exports import request_export
 from shared.flags import FlagCache
 from shared.identity import ensure_account, set_membership, upsert_user
@@ -41,16 +40,6 @@ BIG_ORDERS = 5000
 SMALL_ORDERS = 100
 #: Normal-lane threads of the worker under test (each gets a big export).
 NORMAL_THREADS = 2
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("kafka")
-    kafka = KafkaBroker(ready_file=root / "kafka.ready", pid_file=root / "kafka.pid")
-    try:
-        yield kafka.start()
-    finally:
-        kafka.stop()
 
 
 @pytest.fixture(scope="module")
