@@ -470,6 +470,14 @@ def hand_back(session: Session, job: ExportJob, *, worker_id: str) -> ExportJob 
     return moved
 
 
+#: What a retried export starts from: no attempts, no error, no file (a run of its own).
+NEW_RUN: dict[str, Any] = dict.fromkeys(
+    ("error_code", "error_message", "error_class", "finished_at", "expires_at", "row_count",
+     "rows_estimate", "storage_key", "size_bytes", "sha256", "file_name", "worker_id",
+     "file_deleted_at", "file_deleted_by"),
+) | {"attempts": 0, "rows_written": 0}  # fmt: skip
+
+
 def retry(
     session: Session, job: ExportJob, *, actor: str, requested_by: int, max_attempts: int
 ) -> ExportJob | None:
@@ -482,25 +490,10 @@ def retry(
         expected=RETRYABLE_FROM,
         actor=actor,
         detail="retry",
-        attempts=0,
         max_attempts=max_attempts,
         requested_by=requested_by,
         enqueued_at=func.now(),
-        error_code=None,
-        error_message=None,
-        error_class=None,
-        finished_at=None,
-        expires_at=None,
-        row_count=None,
-        rows_written=0,
-        rows_estimate=None,
-        storage_key=None,
-        size_bytes=None,
-        sha256=None,
-        file_name=None,
-        worker_id=None,
-        file_deleted_at=None,
-        file_deleted_by=None,
+        **NEW_RUN,
     )
     if moved is None:
         return None
