@@ -25,8 +25,15 @@ ORDERS = 60_000
 #: More accounts of the demo admin (one export runs per account at a time): slug -> orders.
 OTHER_ACCOUNTS = {"beta": 25_000, "gamma": 25_000}
 #: Streaming cap: ~2 MB/s stretches a full export to a few seconds, so faults can hit it
-#: mid-flight; the smallest S3 part size (5 MiB) makes big files multipart uploads.
-FAULT_ENV = {"EXPORT_MAX_BYTES_PER_SECOND": "2000000", "STORAGE_PART_SIZE_MIB": "5"}
+#: mid-flight; the smallest S3 part size (5 MiB) makes big files multipart uploads. The fast
+#: lane takes exports of at most 1,000 rows here, so the exports of these tests (thousands of
+#: rows) share the normal lane's two threads as the tests expect; the fast lane has tests of
+#: its own (tests/integration/test_fast_lane.py).
+FAULT_ENV = {
+    "EXPORT_MAX_BYTES_PER_SECOND": "2000000",
+    "STORAGE_PART_SIZE_MIB": "5",
+    "EXPORT_FAST_LANE_MAX_ROWS": "1000",
+}
 
 
 @pytest.fixture(scope="package")
