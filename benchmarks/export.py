@@ -1,23 +1,27 @@
 """The 500k-row export benchmark: the product end to end against the physical floor and the
-way most apps do it, measured side by side in ONE run on the embedded local stack.
+way most apps do it, the report under load, small exports under a backlog and scale-out,
+measured side by side in ONE run on the embedded local stack.
 
     python benchmarks/export.py [--rows 500000] [--runs 3] [--load-seconds 10]
+                                [--only export,report,lanes,scale] [--skip-naive]
 
 1. starts ``orders-export dev`` (embedded PostgreSQL, Redis, Kafka-protocol broker, ...) with
    ``--rows`` demo orders in the account ``acme``;
-2. floor: the report's own ``COPY (SELECT <report columns> ...) TO STDOUT`` into /dev/null
-   through psycopg (and a raw ``COPY (SELECT *)`` for reference), no job machinery;
-3. naive peers: a server-side cursor + csv.writer, and SQLAlchemy ORM ``yield_per`` +
-   csv.writer, formatting values in Python as the report shows them;
-4. the product over HTTP: POST -> ready wall time, the worker's own time, rows/s, MB/s, queue
-   wait, POST latency p50/p99, peak RSS of the worker process, progress update gaps;
-5. the report API's p50/p99 under steady concurrent load, without and with exports running;
-6. downloads: the file streamed through the API (all checks, audit row; fetched with curl when
-   it is installed) against reading the same object from storage directly, MB/s of each;
-7. gzip: the same export with ``options.compression = "gzip"``, POST -> ready and file size
-   against the plain one.
+2. ``export``: the floor (the report's own ``COPY (SELECT <report columns> ...) TO STDOUT``
+   into /dev/null through psycopg, and a raw ``COPY (SELECT *)``), the naive peers (a
+   server-side cursor + csv.writer, SQLAlchemy ORM ``yield_per`` + csv.writer), the product
+   over HTTP (POST -> ready from the job's own ``finished_at``, the worker's own time, rows/s,
+   MB/s, queue wait, POST latency p50/p99, peak RSS of the worker process, progress gaps),
+   downloads through the API against storage, and the gzip option;
+3. ``report``: the report API's p50/p99 (overall and per query) under 8 clients cycling every
+   filter, sort and ``q`` search, without and with exports running back to back, and
+   ``EXPLAIN (ANALYZE, BUFFERS)`` of every query taken under that load;
+4. ``lanes``: two big exports of two other accounts running (one more of each queued), and
+   20k-row exports of a third account one after another: queue wait and POST -> ready p50/p99;
+5. ``scale``: a second stack, 40 exports of ``--scale-rows`` rows over 20 accounts against 1, 2
+   and 4 worker processes: total time, exports/s, rows/s, PostgreSQL CPU.
 
-Prints a table and writes ``benchmarks/results/export-<rows>.json``.
+Prints a table and writes ``benchmarks/results/export-<rows>.json`` (or ``--output``).
 """
 
 from __future__ import annotations
