@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -30,7 +31,11 @@ from shared.storage import storage_from_url
 from tests.integration.exportdata import make_job
 
 #: docker-compose's stop_grace_period for the worker (seconds).
-COMPOSE_STOP_GRACE_SECONDS = 30
+COMPOSE_STOP_GRACE_SECONDS = int(
+    yaml.safe_load((Path(__file__).parents[2] / "docker-compose.yml").read_text())["services"][
+        "worker"
+    ]["stop_grace_period"].removesuffix("s")
+)
 #: Grace the test gives running exports (seconds); the export needs far longer.
 GRACE_SECONDS = 2
 
