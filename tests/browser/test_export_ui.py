@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import httpx2
 import pytest
-from playwright.sync_api import Locator, Page, expect
+from playwright.sync_api import Locator, Page, Route, expect
 
 from shared.db import make_engine, make_sessionmaker, transaction
 from shared.flags import CACHE_SECONDS, set_flag
@@ -154,6 +154,33 @@ def test_expired_link_lands_on_the_export_page_with_a_fresh_link(
         page.get_by_role("link", name="Download CSV").click()
     with open(download_info.value.path(), encoding="utf-8", newline="") as file:
         assert len(list(csv.reader(file))) == export["row_count"] + 1
+
+
+def test_a_new_export_is_in_the_list_when_it_is_announced(
+    page: Page, stack: LiveStack, api: httpx2.Client
+) -> None:
+    # Given an earlier export at the top of the panel
+    earlier = api.post("/api/v1/accounts/acme/order-exports", json={"filters": {"q": "a"}})
+    assert earlier.status_code in {200, 201, 202}, earlier.text
+    log_in(page, stack, ADMIN, "/accounts/acme/orders?sort=-number")
+    expect(page.locator("#export-list li.export").first).to_have_attribute(
+        "data-id", earlier.json()["export"]["id"]
+    )
+
+    # And the panel the server draws is slow to arrive (1.5 s)
+    def slow_panel(route: Route) -> None:
+        time.sleep(1.5)
+        route.continue_()
+
+    page.route("**/accounts/acme/exports/panel**", slow_panel)
+    # When the admin clicks Export CSV
+    with page.expect_response("**/api/v1/accounts/acme/order-exports") as posted:
+        page.get_by_role("button", name="Export CSV").click()
+    export_id = posted.value.json()["export"]["id"]
+    # Then by the time the page says so, the new export is the first item of the list
+    expect(page.locator("#export-message")).to_contain_text("Export requested")
+    assert page.locator("#export-list li.export").first.get_attribute("data-id") == export_id
+    page.unroute("**/accounts/acme/exports/panel**")
 
 
 def test_storage_outage_fails_with_its_reason_and_retry_works(page: Page, stack: LiveStack) -> None:

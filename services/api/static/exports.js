@@ -120,13 +120,19 @@
     timer = setTimeout(poll, ms !== undefined ? ms : (anyActive() ? config.active_poll_ms : config.idle_poll_ms));
   }
 
+  // Fetch the panel the server draws and swap what changed; false when the session ended.
+  async function load() {
+    const started = generation;
+    const response = await fetch(config.poll_url, { credentials: "same-origin", cache: "no-store" });
+    if (response.status === 401) { say(config.messages.session_ended, true); return false; }
+    if (response.ok && started === generation) apply(await response.text());
+    return true;
+  }
+
   async function poll() {
     if (document.hidden) return; // resumed by visibilitychange
-    const started = generation;
     try {
-      const response = await fetch(config.poll_url, { credentials: "same-origin", cache: "no-store" });
-      if (response.status === 401) { say(config.messages.session_ended, true); return; }
-      if (response.ok && started === generation) apply(await response.text());
+      if (!(await load())) return;
     } catch (ignored) {
       say(config.messages.offline, true);
     }
@@ -154,9 +160,14 @@
           const body = await response.json();
           generation += 1;
           states.set(body.export.id, body.export.state); // said below, not again when it shows
+          try {
+            await load(); // the server draws the new item: in the list before it is announced
+          } catch (ignored) {
+            // offline for a moment: the next poll draws it
+          }
           if (body.export.state === "failed" && body.export.error) say(`Export failed: ${body.export.error.message}`, true);
           else say(config.requested[String(response.status)]);
-          schedule(0); // the server draws the new item
+          schedule();
         } else {
           say(await errorText(response), true);
           schedule(config.active_poll_ms);
