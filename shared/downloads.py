@@ -28,7 +28,7 @@ from shared.signing import SigningKeys, verify
 AUDIT_LIST_SIZE = 500
 
 
-class Outcome(enum.StrEnum):
+class DownloadOutcome(enum.StrEnum):
     """Label values of ``orders_export_downloads_total{outcome}`` and of the audit trail."""
 
     OK = "ok"
@@ -42,21 +42,21 @@ class Outcome(enum.StrEnum):
 
 def declare_metrics() -> None:
     """Every outcome's series at zero (see :func:`shared.metrics.declare`)."""
-    metrics.declare(metrics.DOWNLOADS, *((outcome.value,) for outcome in Outcome))
+    metrics.declare(metrics.DOWNLOADS, *((outcome.value,) for outcome in DownloadOutcome))
 
 
-def outcome_of(exc: OrdersExportError) -> Outcome:
+def outcome_of(exc: OrdersExportError) -> DownloadOutcome:
     """The audit outcome for a refused download."""
     for cls, outcome in (
-        (BadSignature, Outcome.BAD_SIGNATURE),
-        (Forbidden, Outcome.FORBIDDEN),
-        (Unauthenticated, Outcome.UNAUTHENTICATED),
-        (LinkExpired, Outcome.LINK_EXPIRED),
-        (FileExpired, Outcome.FILE_EXPIRED),
+        (BadSignature, DownloadOutcome.BAD_SIGNATURE),
+        (Forbidden, DownloadOutcome.FORBIDDEN),
+        (Unauthenticated, DownloadOutcome.UNAUTHENTICATED),
+        (LinkExpired, DownloadOutcome.LINK_EXPIRED),
+        (FileExpired, DownloadOutcome.FILE_EXPIRED),
     ):
         if isinstance(exc, cls):
             return outcome
-    return Outcome.NOT_FOUND
+    return DownloadOutcome.NOT_FOUND
 
 
 def authorize(
@@ -87,7 +87,7 @@ def record(
     *,
     export_id: str,
     user_id: int | None,
-    outcome: Outcome,
+    outcome: DownloadOutcome,
     client_ip: str | None,
     byte_range: str | None = None,
     redirect: bool = False,

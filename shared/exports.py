@@ -42,7 +42,7 @@ from shared.flags import FlagCache
 from shared.lanes import count_budget, lane_for
 from shared.models import Account, ErrorClass, ExportJob, ExportState, Role, User
 from shared.report import count_rows, estimate_rows
-from shared.runner import ExportRunner, Outcome
+from shared.runner import ExportRunner, RunOutcome
 from shared.settings import Settings
 from shared.signing import SigningKeys, download_path
 from shared.storage import Storage
@@ -257,11 +257,11 @@ def make_small_export(
     raises :class:`InlineExportFailed` with the safe reason."""
     try:
         result = runner.run(job_id, inline=True)
-        if result.outcome is Outcome.RETRY:  # e.g. a storage blip: let the workers finish it
+        if result.outcome is RunOutcome.RETRY:  # e.g. a storage blip: let the workers finish it
             with transaction(sessions) as session:
                 lifecycle.send_to_workers(session, session.get_one(ExportJob, job_id))
             return Disposition.QUEUED
-        if result.outcome is not Outcome.FAILED:
+        if result.outcome is not RunOutcome.FAILED:
             return Disposition.MADE
         with sessions() as session:
             failed = session.get_one(ExportJob, job_id)

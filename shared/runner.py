@@ -43,7 +43,7 @@ EXACT_COUNT_UP_TO = 100_000
 HEARTBEAT_SECONDS = 1.0
 
 
-class Outcome(enum.Enum):
+class RunOutcome(enum.Enum):
     """What happened to one attempt at running an export."""
 
     READY = "ready"
@@ -59,17 +59,17 @@ class Outcome(enum.Enum):
 
 #: Outcomes of a run that got as far as a claim (label values of the duration histogram).
 RUN_OUTCOMES = (
-    Outcome.READY,
-    Outcome.FAILED,
-    Outcome.RETRY,
-    Outcome.CANCELED,
-    Outcome.HANDED_BACK,
+    RunOutcome.READY,
+    RunOutcome.FAILED,
+    RunOutcome.RETRY,
+    RunOutcome.CANCELED,
+    RunOutcome.HANDED_BACK,
 )
 
 
 @dataclass(frozen=True)
 class Result:
-    outcome: Outcome
+    outcome: RunOutcome
     delay_seconds: float = 0.0
 
 
@@ -203,9 +203,9 @@ class ExportRunner:
         interpreter exit) stops the heartbeat and records a classified outcome.
         """
         if not inline and self._draining.is_set():
-            return Result(Outcome.DRAINING)  # not claimed: the actor sends the work again
+            return Result(RunOutcome.DRAINING)  # not claimed: the actor sends the work again
         if not inline and self._flags.get("workers_paused"):
-            return Result(Outcome.PAUSED)
+            return Result(RunOutcome.PAUSED)
         worker_id = new_worker_id()
         with transaction(self._sessions) as session:
             job = lifecycle.claim(
@@ -217,7 +217,9 @@ class ExportRunner:
             )
             if job is None:
                 state = session.scalar(select(ExportJob.state).where(ExportJob.id == export_id))
-                return Result(Outcome.BUSY if state is ExportState.QUEUED else Outcome.SKIPPED)
+                return Result(
+                    RunOutcome.BUSY if state is ExportState.QUEUED else RunOutcome.SKIPPED
+                )
             account = session.get_one(Account, job.account_id)
         if inline:  # made inside a request: no queue, and not a worker's run
             return self._attempt(job, account, worker_id=worker_id, inline=inline)
@@ -235,7 +237,7 @@ class ExportRunner:
                 csv_file = self._generate(job, account, worker_id=worker_id, key=key, inline=inline)
             except _Lost:
                 self._discard(key)
-                return Result(Outcome.CANCELED)
+                return Result(RunOutcome.CANCELED)
             except (_HandBack, Shutdown) as exc:
                 return self._give_back(job, account, worker_id=worker_id, key=key, cause=exc)
             except (KeyboardInterrupt, SystemExit) as exc:  # the interpreter is exiting
@@ -357,8 +359,8 @@ class ExportRunner:
             )
         if done is None:  # canceled or rescued while we were finishing
             self._discard(key)
-            return Result(Outcome.CANCELED)
-        return Result(Outcome.READY)
+            return Result(RunOutcome.CANCELED)
+        return Result(RunOutcome.READY)
 
     def _ready_with(self, job_id: uuid.UUID, key: str) -> bool:
         """Whether the job is ready with ``key`` (a commit whose reply was lost did happen)."""
@@ -406,16 +408,16 @@ class ExportRunner:
             )
             if not self._ready_with(job.id, key):
                 self._discard(key)
-            return Result(Outcome.RETRY, delay_seconds=self._backoff(job))
+            return Result(RunOutcome.RETRY, delay_seconds=self._backoff(job))
         if moved is None:
             if not self._ready_with(job.id, key):
                 self._discard(key)
-                return Result(Outcome.CANCELED)
-            return Result(Outcome.READY)  # _finish had committed; only its reply was lost
+                return Result(RunOutcome.CANCELED)
+            return Result(RunOutcome.READY)  # _finish had committed; only its reply was lost
         self._discard(key)
         if retry:
-            return Result(Outcome.RETRY, delay_seconds=self._backoff(job))
-        return Result(Outcome.FAILED)
+            return Result(RunOutcome.RETRY, delay_seconds=self._backoff(job))
+        return Result(RunOutcome.FAILED)
 
     def _backoff(self, job: ExportJob) -> float:
         return float(self._settings.export_retry_backoff_seconds * 2 ** (job.attempts - 1))
@@ -437,7 +439,7 @@ class ExportRunner:
             )
             moved = None
         self._discard(key)
-        return Result(Outcome.HANDED_BACK if moved is not None else Outcome.CANCELED)
+        return Result(RunOutcome.HANDED_BACK if moved is not None else RunOutcome.CANCELED)
 
 
 def file_name(account_slug: str, created_at: dt.datetime, compression: str = "none") -> str:

@@ -15,8 +15,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, WithJsonSchema
 
 from shared.columns import COLUMNS
-from shared.downloads import AUDIT_LIST_SIZE
-from shared.downloads import Outcome as DownloadOutcome
+from shared.downloads import AUDIT_LIST_SIZE, DownloadOutcome
 from shared.export_options import COMPRESSIONS
 from shared.filters import DEFAULT_SORT, MAX_Q_LENGTH, SORTS
 from shared.models import ORDER_CHANNELS, ORDER_STATUSES, ExportState

@@ -16,7 +16,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from services.api import exports, health, login, openapi, pages, report
+from services.api import export_routes, health, login, openapi, pages, report
 from services.api.auth import SESSION_COOKIE
 from services.api.clients import trusted_networks
 from services.api.errors import handle_domain_error, handle_http_exception
@@ -59,16 +59,28 @@ def app_routes() -> list[BaseRoute]:
         Route("/openapi.json", openapi.openapi_json),
         Route("/accounts/{slug}/orders", report.orders_page, name="orders_page"),
         Route("/api/v1/accounts/{slug}/orders", report.orders_api),
-        Route("/api/v1/accounts/{slug}/order-exports", exports.create_export, methods=["POST"]),
-        Route("/api/v1/accounts/{slug}/order-exports", exports.list_exports, methods=["GET"]),
-        Route("/api/v1/order-exports/{export_id}", exports.get_export, methods=["GET"]),
-        Route("/api/v1/order-exports/{export_id}/retry", exports.retry_export, methods=["POST"]),
-        Route("/api/v1/order-exports/{export_id}/cancel", exports.cancel_export, methods=["POST"]),
-        Route("/api/v1/order-exports/{export_id}/file", exports.delete_file, methods=["DELETE"]),
         Route(
-            "/api/v1/order-exports/{export_id}/downloads", exports.list_downloads, methods=["GET"]
+            "/api/v1/accounts/{slug}/order-exports", export_routes.create_export, methods=["POST"]
         ),
-        Route("/exports/{export_id}/download", exports.download, methods=["GET"]),
+        Route("/api/v1/accounts/{slug}/order-exports", export_routes.list_exports, methods=["GET"]),
+        Route("/api/v1/order-exports/{export_id}", export_routes.get_export, methods=["GET"]),
+        Route(
+            "/api/v1/order-exports/{export_id}/retry", export_routes.retry_export, methods=["POST"]
+        ),
+        Route(
+            "/api/v1/order-exports/{export_id}/cancel",
+            export_routes.cancel_export,
+            methods=["POST"],
+        ),
+        Route(
+            "/api/v1/order-exports/{export_id}/file", export_routes.delete_file, methods=["DELETE"]
+        ),
+        Route(
+            "/api/v1/order-exports/{export_id}/downloads",
+            export_routes.list_downloads,
+            methods=["GET"],
+        ),
+        Route("/exports/{export_id}/download", export_routes.download, methods=["GET"]),
         Route("/accounts/{slug}/exports", pages.request_export, methods=["POST"]),
         Route("/accounts/{slug}/exports/panel", pages.panel_items, methods=["GET"]),
         Route("/exports/{export_id}/panel", pages.export_items, methods=["GET"]),

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from services.api import exports, health, report
+from services.api import export_routes, health, report
 from services.api.auth import SESSION_COOKIE
 from services.api.errors import STATUS_BY_ERROR
 from shared import errors, wire
@@ -235,7 +235,7 @@ OPERATIONS: dict[Callable[..., Any], Operation] = {
         (*AUTH_ERRORS, errors.ValidationError),
         _report_parameters,
     ),
-    exports.create_export: Operation(
+    export_routes.create_export: Operation(
         "Request an export of the report with these filters",
         {
             200: (_ENVELOPE, "an identical export is in flight, or an idempotent replay"),
@@ -252,40 +252,40 @@ OPERATIONS: dict[Callable[..., Any], Operation] = {
         _idempotency_key,
         request=wire.ExportRequest,
     ),
-    exports.list_exports: Operation(
+    export_routes.list_exports: Operation(
         "The account's exports, newest first",
         {200: (wire.ExportList, "the exports")},
         (*AUTH_ERRORS, errors.Forbidden),
         lambda: [_path_slug()],
     ),
-    exports.get_export: Operation(
+    export_routes.get_export: Operation(
         "One export", {200: (_ENVELOPE, "the export")}, AUTH_ERRORS, lambda: [_path_export()]
     ),
-    exports.retry_export: Operation(
+    export_routes.retry_export: Operation(
         "Queue a failed, canceled or expired export again",
         {202: (_ENVELOPE, "queued")},
         (*_WRITE_ERRORS, errors.TooManyActiveExports, errors.ExportsDisabled),
         lambda: [_path_export()],
     ),
-    exports.cancel_export: Operation(
+    export_routes.cancel_export: Operation(
         "Cancel a queued or running export",
         {202: (_ENVELOPE, "canceled")},
         _WRITE_ERRORS,
         lambda: [_path_export()],
     ),
-    exports.delete_file: Operation(
+    export_routes.delete_file: Operation(
         "Delete a ready export's file now (the export becomes expired)",
         {200: (_ENVELOPE, "deleted: the export, now expired")},
         (*_WRITE_ERRORS, errors.StorageError),
         lambda: [_path_export()],
     ),
-    exports.list_downloads: Operation(
+    export_routes.list_downloads: Operation(
         "Who tried to download the export, newest first (at most 500)",
         {200: (wire.DownloadList, "the download attempts")},
         (*AUTH_ERRORS, errors.Forbidden),
         lambda: [_path_export()],
     ),
-    exports.download: Operation(
+    export_routes.download: Operation(
         "The file, through a signed link (resumable, verifiable)",
         {},
         (*AUTH_ERRORS, errors.Forbidden, errors.LinkExpired),

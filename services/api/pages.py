@@ -15,7 +15,7 @@ from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import Response
 
-from services.api import exports, exportviews
+from services.api import export_routes, exportviews
 from services.api.auth import (
     CSRF_FIELD,
     Caller,
@@ -115,7 +115,7 @@ def _request_export(request: Request, form: FormData) -> Response:
     slug = request.path_params["slug"]
     fields = filters_object(form)
     try:
-        created = exports.create(
+        created = export_routes.create(
             request,
             {"filters": fields, "options": options_object(form)},
             None,
@@ -153,7 +153,7 @@ def _act(request: Request, action: str, form: FormData) -> Response:
     if back == "/":
         back = f"/exports/{export_id}"
     try:
-        exports.act(request, action, submitted_csrf=_submitted_csrf(form))
+        export_routes.act(request, action, submitted_csrf=_submitted_csrf(form))
     except Unauthenticated:
         return _login_then(back)
     except SHOWN_ON_PAGE as exc:

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared import lifecycle
 from shared.db import transaction
 from shared.lanes import FAST, NORMAL
-from shared.runner import ExportRunner, Outcome
+from shared.runner import ExportRunner, RunOutcome
 from shared.settings import DEFAULT_STATEMENT_TIMEOUT_SECONDS, Settings
 
 log = logging.getLogger(__name__)
@@ -128,10 +128,10 @@ def declare_actors(
             raise RuntimeError("this process only sends messages")
         result = runner.run(uuid.UUID(export_id))
         delay_ms = {
-            Outcome.RETRY: int(result.delay_seconds * 1000),
-            Outcome.BUSY: BUSY_DELAY_MS,
-            Outcome.PAUSED: PAUSED_DELAY_MS,
-            Outcome.DRAINING: 0,  # this worker is stopping: another one takes it
+            RunOutcome.RETRY: int(result.delay_seconds * 1000),
+            RunOutcome.BUSY: BUSY_DELAY_MS,
+            RunOutcome.PAUSED: PAUSED_DELAY_MS,
+            RunOutcome.DRAINING: 0,  # this worker is stopping: another one takes it
         }.get(result.outcome)
         log.info("export %s: %s", export_id, result.outcome.value)
         if delay_ms is not None:

@@ -18,14 +18,14 @@ from shared.db import transaction
 from shared.devstack.ports import free_port
 from shared.identity import ensure_account, upsert_user
 from shared.models import ExportJob, ExportState
-from shared.runner import Outcome, Result
+from shared.runner import Result, RunOutcome
 from tests.integration.exportdata import make_job
 
 
 class BusyRunner:
     """An ExportRunner stand-in: the account is busy, come back later."""
 
-    def __init__(self, outcome: Outcome) -> None:
+    def __init__(self, outcome: RunOutcome) -> None:
         self.outcome = outcome
         self.runs: list[uuid.UUID] = []
 
@@ -34,12 +34,12 @@ class BusyRunner:
         return Result(self.outcome, delay_seconds=0.5)
 
 
-@pytest.mark.parametrize("outcome", [Outcome.BUSY, Outcome.RETRY])
+@pytest.mark.parametrize("outcome", [RunOutcome.BUSY, RunOutcome.RETRY])
 def test_redis_down_when_the_actor_resends_leaves_the_job_to_housekeeping(
     sessions: sessionmaker[Session],
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
-    outcome: Outcome,
+    outcome: RunOutcome,
 ) -> None:
     with transaction(sessions) as session:
         account = ensure_account(session, slug="resend", timezone="UTC")

@@ -31,7 +31,7 @@ from shared.filters import OrderFilters, parse_filters
 from shared.flags import FlagCache, set_flag
 from shared.identity import find_user
 from shared.models import ExportJob, ExportState
-from shared.runner import ExportRunner, Outcome
+from shared.runner import ExportRunner, RunOutcome
 from shared.settings import Settings
 from shared.signing import SigningKeys, download_path
 from tests.integration.exportdata import make_job
@@ -69,7 +69,7 @@ def app(app_settings: Settings, population: Population) -> Iterator[Starlette]:
 
 @pytest.fixture(scope="module")
 def runner(app: Starlette) -> ExportRunner:
-    from services.api.exports import runner_of
+    from services.api.export_routes import runner_of
 
     return runner_of(app)
 
@@ -242,7 +242,7 @@ def test_no_js_request_cancel_retry_and_download(
     retried = submit(admin, f"/exports/{export_id}/retry", retry, follow_redirects=False)
     assert retried.headers["location"] == f"/exports/{export_id}"
     assert item_states(admin.get(f"/exports/{export_id}").text)[export_id] == "queued"
-    assert runner.run(uuid.UUID(export_id)).outcome is Outcome.READY
+    assert runner.run(uuid.UUID(export_id)).outcome is RunOutcome.READY
     ready = admin.get(f"/exports/{export_id}").text
     assert item_states(ready)[export_id] == "ready"
     link = re.search(r'data-field="download" href="([^"]+)"', ready)

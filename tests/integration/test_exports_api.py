@@ -33,7 +33,7 @@ from shared.identity import (
     upsert_user,
 )
 from shared.models import DownloadAttempt, ExportJob, OutboxMessage, Role
-from shared.runner import ExportRunner, Outcome
+from shared.runner import ExportRunner, RunOutcome
 from shared.settings import Settings
 from tests.integration.reportdata import Population, populate
 from tests.support.reports import guarded, report_rows
@@ -67,7 +67,7 @@ def client(app_settings: Settings, population: Population) -> Iterator[TestClien
 
 @pytest.fixture(scope="module")
 def runner(client: TestClient) -> ExportRunner:
-    from services.api.exports import runner_of
+    from services.api.export_routes import runner_of
 
     return runner_of(client.app)  # type: ignore[arg-type]
 
@@ -137,7 +137,7 @@ def test_csv_edge_cases_round_trip(
 ) -> None:
     response = post_export(client, population, {}, options={"utf8_bom": True})
     assert response.status_code == 202
-    assert runner.run(uuid.UUID(response.json()["export"]["id"])).outcome is Outcome.READY
+    assert runner.run(uuid.UUID(response.json()["export"]["id"])).outcome is RunOutcome.READY
     export = client.get(
         f"/api/v1/order-exports/{response.json()['export']['id']}", headers=bearer(population)
     ).json()["export"]
@@ -180,7 +180,7 @@ def test_large_export_is_queued_with_its_snapshot_and_outbox_event(
     assert event is not None and event.topic == "exports.requested"
     assert isinstance(decode(__import__("json").dumps(event.payload).encode()), ExportRequested)
     # When a worker runs it, the file holds exactly the rows matching the stored filters
-    assert runner.run(job.id).outcome is Outcome.READY
+    assert runner.run(job.id).outcome is RunOutcome.READY
     done = client.get(f"/api/v1/order-exports/{export['id']}", headers=bearer(population)).json()[
         "export"
     ]
@@ -381,11 +381,11 @@ def test_cancel_and_retry_follow_the_state_machine(
     )
     assert canceled.status_code == 202 and canceled.json()["export"]["state"] == "canceled"
     assert (
-        runner.run(uuid.UUID(export["id"])).outcome is Outcome.SKIPPED
+        runner.run(uuid.UUID(export["id"])).outcome is RunOutcome.SKIPPED
     )  # a worker finds nothing to do
     retried = client.post(f"/api/v1/order-exports/{export['id']}/retry", headers=bearer(population))
     assert retried.status_code == 202 and retried.json()["export"]["state"] == "queued"
-    assert runner.run(uuid.UUID(export["id"])).outcome is Outcome.READY
+    assert runner.run(uuid.UUID(export["id"])).outcome is RunOutcome.READY
     again = client.post(f"/api/v1/order-exports/{export['id']}/cancel", headers=bearer(population))
     assert again.status_code == 409
     assert (
@@ -432,7 +432,7 @@ def _ready(
 ) -> dict[str, Any]:
     export = response.json()["export"]
     if response.status_code == 202:
-        assert runner.run(uuid.UUID(export["id"])).outcome is Outcome.READY
+        assert runner.run(uuid.UUID(export["id"])).outcome is RunOutcome.READY
     return client.get(  # type: ignore[no-any-return]
         f"/api/v1/order-exports/{export['id']}", headers=bearer(population)
     ).json()["export"]

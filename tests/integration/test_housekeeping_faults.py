@@ -30,7 +30,7 @@ from shared.flags import FlagCache
 from shared.identity import ensure_account, set_membership, upsert_user
 from shared.models import ExportJob, ExportState, Notification, Role, User
 from shared.notifications import Notifier
-from shared.runner import ExportRunner, Outcome
+from shared.runner import ExportRunner, RunOutcome
 from shared.seeding import seed_orders
 from shared.settings import Settings
 from shared.storage import Storage, storage_from_url
@@ -297,7 +297,7 @@ def test_retrying_an_expired_export_emails_the_new_file(
             expires_at=job.expires_at.isoformat(),
         )
 
-    assert runner.run(export_id).outcome is Outcome.READY
+    assert runner.run(export_id).outcome is RunOutcome.READY
     notifier.handle(ready_event())
     assert len(sink.messages()) == 1
     # When the file expires and the user retries the export
@@ -314,7 +314,7 @@ def test_retrying_an_expired_export_emails_the_new_file(
             export_id=str(export_id),
             user=session.get_one(User, ids["user"]),
         )
-    assert runner.run(export_id).outcome is Outcome.READY
+    assert runner.run(export_id).outcome is RunOutcome.READY
     notifier.handle(ready_event())
     # Then the new file gets its own email
     assert len(sink.messages()) == 2

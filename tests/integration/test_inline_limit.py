@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.testclient import TestClient
 
 from services.api.app import create_app
-from services.api.exports import INLINE_POOL_SIZE
+from services.api.export_routes import INLINE_POOL_SIZE
 from shared.db import transaction
 from shared.identity import create_token, ensure_account, find_user, set_membership, upsert_user
 from shared.models import ExportJob, Role

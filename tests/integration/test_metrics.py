@@ -33,7 +33,7 @@ from shared.flags import FlagCache
 from shared.identity import create_token, ensure_account, set_membership, upsert_user
 from shared.models import ExportJob, ExportState, ExportTransition, Role
 from shared.notifications import NotificationFailed, Notifier
-from shared.runner import ExportRunner, Outcome
+from shared.runner import ExportRunner, RunOutcome
 from shared.seeding import seed_orders
 from shared.settings import Settings
 from shared.signing import SigningKeys, download_path
@@ -111,7 +111,7 @@ def test_a_ready_run_counts_rows_bytes_its_duration_and_its_queue_wait(
         ("orders_export_queue_wait_seconds_sum", {}),
     )
 
-    assert runner.run(export_id).outcome is Outcome.READY
+    assert runner.run(export_id).outcome is RunOutcome.READY
 
     with sessions() as session:
         job = session.get_one(ExportJob, export_id)
@@ -141,7 +141,7 @@ def test_the_queue_wait_counts_from_when_the_job_last_entered_the_queue(
         )
     counts = Counts(("orders_export_queue_wait_seconds_sum", {}))
 
-    assert runner.run(export_id).outcome is Outcome.READY
+    assert runner.run(export_id).outcome is RunOutcome.READY
 
     assert 89 <= counts.delta("orders_export_queue_wait_seconds_sum") < 120
 
@@ -168,7 +168,7 @@ def test_a_failed_attempt_counts_its_reason_and_the_automatic_retry(
     outcomes = [runner.run(export_id).outcome for _ in range(3)]
 
     # Then each attempt is a failure, the first two are retries, the last one is final
-    assert outcomes == [Outcome.RETRY, Outcome.RETRY, Outcome.FAILED]
+    assert outcomes == [RunOutcome.RETRY, RunOutcome.RETRY, RunOutcome.FAILED]
     assert counts.delta("orders_export_failures_total", **reason) == 3
     assert counts.delta("orders_export_retries_total") == 2
     assert counts.delta("orders_export_job_duration_seconds_count", outcome="retry") == 2
@@ -187,7 +187,7 @@ def test_an_export_made_inside_a_request_counts_rows_but_is_not_a_worker_run(
         ("orders_export_queue_wait_seconds_count", {}),
     )
 
-    assert runner.run(export_id, inline=True).outcome is Outcome.READY
+    assert runner.run(export_id, inline=True).outcome is RunOutcome.READY
 
     assert counts.delta("orders_export_rows_total") == ORDERS
     assert counts.delta("orders_export_job_duration_seconds_count", outcome="ready") == 0

@@ -21,7 +21,7 @@ from shared.flags import FlagCache, set_flag
 from shared.identity import ensure_account, set_membership, upsert_user
 from shared.models import ErrorClass, ExportJob, ExportState, OutboxMessage, Role
 from shared.notifications import Notifier
-from shared.runner import ExportRunner, Outcome
+from shared.runner import ExportRunner, RunOutcome
 from shared.seeding import seed_orders
 from shared.settings import Settings
 from shared.storage import storage_from_url
@@ -85,7 +85,7 @@ def test_success_records_file_and_events(
     settings: Settings, sessions: sessionmaker[Session], storage: FaultyStorage, ids: dict[str, int]
 ) -> None:
     export_id = make_job(sessions, account_id=ids["run-a"], user_id=ids["user"])
-    assert make_runner(settings, sessions, storage).run(export_id).outcome is Outcome.READY
+    assert make_runner(settings, sessions, storage).run(export_id).outcome is RunOutcome.READY
     job = job_of(sessions, export_id)
     assert (job.state, job.row_count, job.rows_written, job.attempts) == (
         ExportState.READY,
@@ -131,7 +131,7 @@ def test_cancel_stops_a_running_copy_within_seconds(
     storage.pause = 0.2  # would take ~10 s
     export_id = make_job(sessions, account_id=ids["run-c"], user_id=ids["user"])
     runner = make_runner(settings, sessions, storage)
-    results: list[Outcome] = []
+    results: list[RunOutcome] = []
     thread = threading.Thread(target=lambda: results.append(runner.run(export_id).outcome))
     thread.start()
     while job_of(sessions, export_id).rows_written == 0:
@@ -150,7 +150,7 @@ def test_cancel_stops_a_running_copy_within_seconds(
     thread.join(timeout=10)
     assert not thread.is_alive()
     assert time.monotonic() - canceled_at < 4
-    assert results == [Outcome.CANCELED]
+    assert results == [RunOutcome.CANCELED]
     assert job_of(sessions, export_id).state is ExportState.CANCELED
     assert files_in(storage) == []  # no partial file, no leftovers
 
@@ -163,7 +163,7 @@ def test_statement_timeout_fails_as_user_fixable(
     result = make_runner(settings, sessions, storage, export_statement_timeout_seconds=1).run(
         export_id
     )
-    assert result.outcome is Outcome.FAILED
+    assert result.outcome is RunOutcome.FAILED
     job = job_of(sessions, export_id)
     assert (job.state, job.error_code, job.error_class) == (
         ExportState.FAILED,
@@ -182,7 +182,7 @@ def test_storage_failure_is_retried_then_fails_then_manual_retry_works(
     export_id = make_job(sessions, account_id=ids["run-e"], user_id=ids["user"])
     runner = make_runner(settings, sessions, storage)
     outcomes = [runner.run(export_id) for _ in range(3)]
-    assert [r.outcome for r in outcomes] == [Outcome.RETRY, Outcome.RETRY, Outcome.FAILED]
+    assert [r.outcome for r in outcomes] == [RunOutcome.RETRY, RunOutcome.RETRY, RunOutcome.FAILED]
     assert outcomes[1].delay_seconds == 2 * outcomes[0].delay_seconds  # exponential backoff
     job = job_of(sessions, export_id)
     assert (job.state, job.attempts, job.error_code) == (
@@ -197,7 +197,9 @@ def test_storage_failure_is_retried_then_fails_then_manual_retry_works(
     failed = [e for e in events_of(sessions, export_id) if e["type"] == "ExportFailed"]
     assert [e["final"] for e in failed] == [False, False, True]
     assert "will be retried" in failed[0]["message"] and "any attempt" in failed[2]["message"]
-    assert runner.run(export_id).outcome is Outcome.SKIPPED  # attempts used up, nothing claims it
+    assert (
+        runner.run(export_id).outcome is RunOutcome.SKIPPED
+    )  # attempts used up, nothing claims it
     # When storage is back and the user retries
     storage.failing = False
     from shared import exports
@@ -213,7 +215,7 @@ def test_storage_failure_is_retried_then_fails_then_manual_retry_works(
             export_id=str(export_id),
             user=user,
         )
-    assert runner.run(export_id).outcome is Outcome.READY
+    assert runner.run(export_id).outcome is RunOutcome.READY
     assert job_of(sessions, export_id).attempts == 1
 
 
@@ -223,7 +225,7 @@ def test_worker_rows_cap_is_enforced_without_truncating(
     export_id = make_job(sessions, account_id=ids["run-a"], user_id=ids["user"])
     assert (
         make_runner(settings, sessions, storage, export_max_rows=ORDERS - 1).run(export_id).outcome
-        is Outcome.FAILED
+        is RunOutcome.FAILED
     )
     job = job_of(sessions, export_id)
     assert (job.error_code, job.error_class) == ("too_many_rows", ErrorClass.USER)
@@ -237,12 +239,12 @@ def test_paused_workers_claim_nothing(
     with transaction(sessions) as session:
         set_flag(session, "workers_paused", True)
     try:
-        assert make_runner(settings, sessions, storage).run(export_id).outcome is Outcome.PAUSED
+        assert make_runner(settings, sessions, storage).run(export_id).outcome is RunOutcome.PAUSED
         assert job_of(sessions, export_id).state is ExportState.QUEUED
     finally:
         with transaction(sessions) as session:
             set_flag(session, "workers_paused", False)
-    assert make_runner(settings, sessions, storage).run(export_id).outcome is Outcome.READY
+    assert make_runner(settings, sessions, storage).run(export_id).outcome is RunOutcome.READY
 
 
 @pytest.fixture
@@ -265,7 +267,7 @@ def test_racing_workers_produce_one_file_one_event_one_email(
     export_id = make_job(sessions, account_id=ids["run-f"], user_id=ids["user"])
     runner = make_runner(settings, sessions, storage)
     barrier = threading.Barrier(4)
-    outcomes: list[Outcome] = []
+    outcomes: list[RunOutcome] = []
 
     def race() -> None:
         barrier.wait()
@@ -312,9 +314,9 @@ def test_terminated_database_connection_is_retryable(
             )
         )
     thread.join(timeout=15)
-    assert results[0].outcome is Outcome.RETRY
+    assert results[0].outcome is RunOutcome.RETRY
     job = job_of(sessions, export_id)
     assert (job.state, job.error_code) == (ExportState.QUEUED, "database_unavailable")
     storage.pause = 0
-    assert runner.run(export_id).outcome is Outcome.READY
+    assert runner.run(export_id).outcome is RunOutcome.READY
     assert files_in(storage) and len(files_in(storage)) == 1

@@ -27,7 +27,7 @@ from shared.db import transaction
 from shared.devstack.ports import free_port
 from shared.identity import ensure_account, set_membership, upsert_user
 from shared.models import ErrorClass, ExportState, Role
-from shared.runner import ExportRunner, Outcome
+from shared.runner import ExportRunner, RunOutcome
 from shared.seeding import seed_orders
 from shared.settings import Settings
 from shared.storage import storage_from_url
@@ -116,7 +116,7 @@ def test_time_limit_stops_the_heartbeat_and_fails_the_export_for_good(
     # Then the run ends with a classified, final outcome and nothing keeps renewing the lease
     assert not thread.is_alive()
     assert heartbeats_of(export_id) == []
-    assert [getattr(r, "outcome", r) for r in results] == [Outcome.FAILED]
+    assert [getattr(r, "outcome", r) for r in results] == [RunOutcome.FAILED]
     job = job_of(sessions, export_id)
     assert (job.state, job.error_code, job.error_class, job.lease_expires_at) == (
         ExportState.FAILED,
@@ -142,7 +142,7 @@ def test_shutdown_interrupt_hands_the_export_back_without_losing_an_attempt(
     thread.join(timeout=15)
     assert not thread.is_alive()
     assert heartbeats_of(export_id) == []
-    assert [getattr(r, "outcome", r) for r in results] == [Outcome.HANDED_BACK]
+    assert [getattr(r, "outcome", r) for r in results] == [RunOutcome.HANDED_BACK]
     job = job_of(sessions, export_id)
     assert (job.state, job.attempts, job.worker_id, job.error_code) == (
         ExportState.QUEUED,
@@ -154,7 +154,7 @@ def test_shutdown_interrupt_hands_the_export_back_without_losing_an_attempt(
     assert events_of(sessions, export_id)[-1]["type"] == "ExportRequested"  # work is sent again
     assert files_in(storage) == []
     storage.pause = 0
-    assert runner.run(export_id).outcome is Outcome.READY
+    assert runner.run(export_id).outcome is RunOutcome.READY
     assert job_of(sessions, export_id).attempts == 1
 
 
@@ -170,7 +170,7 @@ def test_unreachable_export_database_is_retried_with_backoff_then_fails_with_its
     # When every attempt fails to connect
     outcomes = [runner.run(export_id) for _ in range(3)]
     # Then each attempt is recorded at once (no wait for the lease), with backoff between them
-    assert [r.outcome for r in outcomes] == [Outcome.RETRY, Outcome.RETRY, Outcome.FAILED]
+    assert [r.outcome for r in outcomes] == [RunOutcome.RETRY, RunOutcome.RETRY, RunOutcome.FAILED]
     assert 0 < outcomes[0].delay_seconds < outcomes[1].delay_seconds
     job = job_of(sessions, export_id)
     assert (job.state, job.attempts, job.error_code, job.error_class) == (
@@ -218,7 +218,7 @@ def test_a_failed_finish_is_retried_and_its_file_deleted(
         # When the file is stored but _finish fails
         result = runner.run(export_id)
         # Then the attempt is a retryable failure, and the uploaded file is gone
-        assert result.outcome is Outcome.RETRY
+        assert result.outcome is RunOutcome.RETRY
         job = job_of(sessions, export_id)
         assert (job.state, job.error_code, job.attempts, job.storage_key) == (
             ExportState.QUEUED,
@@ -235,7 +235,7 @@ def test_a_failed_finish_is_retried_and_its_file_deleted(
         with transaction(sessions) as session:
             session.execute(text("DROP TRIGGER drop_ready ON export_jobs"))
             session.execute(text("DROP FUNCTION drop_ready()"))
-    assert runner.run(export_id).outcome is Outcome.READY
+    assert runner.run(export_id).outcome is RunOutcome.READY
     assert len(files_in(storage)) == 1
 
 
@@ -249,7 +249,7 @@ def test_a_snapshot_that_does_not_load_fails_as_an_engineering_error(
             {"id": export_id},
         )
     result = make_runner(settings, sessions, storage).run(export_id)
-    assert result.outcome is Outcome.FAILED
+    assert result.outcome is RunOutcome.FAILED
     job = job_of(sessions, export_id)
     assert (job.state, job.error_code, job.error_class) == (
         ExportState.FAILED,
@@ -383,11 +383,11 @@ def test_a_stalled_copy_lets_its_lease_lapse_and_is_requeued(
     proxy.close()
     thread.join(timeout=30)
     assert not thread.is_alive()
-    assert [getattr(r, "outcome", r) for r in results] == [Outcome.CANCELED]
+    assert [getattr(r, "outcome", r) for r in results] == [RunOutcome.CANCELED]
     assert heartbeats_of(export_id) == []
     assert files_in(storage) == []
     storage.pause = 0
-    assert make_runner(settings, sessions, storage).run(export_id).outcome is Outcome.READY
+    assert make_runner(settings, sessions, storage).run(export_id).outcome is RunOutcome.READY
     assert job_of(sessions, export_id).attempts == 2
 
 
@@ -448,14 +448,14 @@ def test_a_rescued_worker_that_wakes_up_leaves_no_file_and_no_second_ready_event
     wait_until(rescued, what="the rescue")
     # When another worker claims it and completes it
     other = FaultyStorage(inner)
-    assert make_runner(settings, sessions, other).run(export_id).outcome is Outcome.READY
+    assert make_runner(settings, sessions, other).run(export_id).outcome is RunOutcome.READY
     ready = job_of(sessions, export_id)
     # And the old worker wakes up and tries to go on
     storage.gate.set()
     old.join(timeout=30)
     assert not old.is_alive()
     # Then the fencing holds: only the new worker's file, one ExportReady, still ready
-    assert [getattr(r, "outcome", r) for r in results] == [Outcome.CANCELED]
+    assert [getattr(r, "outcome", r) for r in results] == [RunOutcome.CANCELED]
     assert [p.name for p in files_in(storage)] == [Path(ready.storage_key or "").name]
     assert [e["type"] for e in events_of(sessions, export_id)].count("ExportReady") == 1
     after = job_of(sessions, export_id)

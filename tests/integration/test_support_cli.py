@@ -35,7 +35,7 @@ from shared.models import (
     Role,
     User,
 )
-from shared.runner import ExportRunner, Outcome
+from shared.runner import ExportRunner, RunOutcome
 from shared.seeding import seed_orders
 from shared.settings import Settings
 from shared.storage import storage_from_url
@@ -126,7 +126,7 @@ def failed_for_real(
         outcomes = [runner.run(export_id).outcome for _ in range(3)]
     finally:
         storage.failing = False
-    assert outcomes == [Outcome.RETRY, Outcome.RETRY, Outcome.FAILED]
+    assert outcomes == [RunOutcome.RETRY, RunOutcome.RETRY, RunOutcome.FAILED]
     return export_id
 
 
@@ -199,7 +199,7 @@ def test_show_tells_a_real_failure_attempt_by_attempt(
             session,
             export_id=str(export_id),
             user_id=ids["other"],
-            outcome=downloads.Outcome.FILE_EXPIRED,
+            outcome=downloads.DownloadOutcome.FILE_EXPIRED,
             client_ip="127.0.0.9",
         )
     # When support asks about it
@@ -414,7 +414,7 @@ def test_support_retry_queues_the_work_and_respects_the_switch(
     assert (job.attempts, job.error_code, job.requested_by) == (0, None, ids["admin"])
     assert events_of(sessions, export_id)[-1]["type"] == "ExportRequested"
     # And the work runs to the end
-    assert runner.run(export_id).outcome is Outcome.READY
+    assert runner.run(export_id).outcome is RunOutcome.READY
     assert cli(env, "exports", "retry", str(export_id), "--as", "no spaces").returncode == 2
 
 
@@ -426,7 +426,7 @@ def test_support_deletes_a_ready_file(
     ids: dict[str, int],
 ) -> None:
     export_id = make_job(sessions, account_id=ids["sup-a"], user_id=ids["admin"])
-    assert runner.run(export_id).outcome is Outcome.READY
+    assert runner.run(export_id).outcome is RunOutcome.READY
     key = job_of(sessions, export_id).storage_key
     assert key is not None and storage.exists(key)
     result = cli(env, "exports", "delete-file", str(export_id), "--as", "carol")

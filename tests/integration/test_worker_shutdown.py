@@ -24,7 +24,7 @@ from shared.devstack.children import python_env
 from shared.flags import FlagCache
 from shared.identity import ensure_account, set_membership, upsert_user
 from shared.models import ExportJob, ExportState, ExportTransition, OutboxMessage, Role
-from shared.runner import ExportRunner, Outcome
+from shared.runner import ExportRunner, RunOutcome
 from shared.seeding import seed_orders
 from shared.settings import Settings
 from shared.storage import storage_from_url
@@ -141,5 +141,5 @@ def test_sigterm_hands_back_an_export_that_cannot_finish_within_the_grace(
     runner = ExportRunner(
         settings=settings, sessions=sessions, storage=storage, flags=FlagCache(sessions)
     )
-    assert runner.run(export_id).outcome is Outcome.READY
+    assert runner.run(export_id).outcome is RunOutcome.READY
     assert job_of(sessions, export_id).attempts == 1

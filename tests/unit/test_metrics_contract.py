@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared import metrics
-from shared.downloads import Outcome as DownloadOutcome
+from shared.downloads import DownloadOutcome
 from shared.metrics import Backlog, BacklogCollector, JobsSnapshot
 from shared.settings import Settings
 

@@ -328,7 +328,9 @@ def _authorize_download(request: Request) -> _File:
     client_ip = client_address(request) if request.client else None
     user_id = None
 
-    def audit(session: Session, outcome: downloads.Outcome, file: _File | None = None) -> None:
+    def audit(
+        session: Session, outcome: downloads.DownloadOutcome, file: _File | None = None
+    ) -> None:
         downloads.record(
             session,
             export_id=export_id,
@@ -358,9 +360,9 @@ def _authorize_download(request: Request) -> _File:
         try:
             file = _file_of(request, job)
         except OrdersExportError:  # storage unreachable: authorized, audited, then a 503
-            audit(session, downloads.Outcome.OK)
+            audit(session, downloads.DownloadOutcome.OK)
             raise
-        audit(session, downloads.Outcome.OK, file)
+        audit(session, downloads.DownloadOutcome.OK, file)
         return file
 
 
