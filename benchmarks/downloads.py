@@ -35,7 +35,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx2
+
 from shared.devstack.ports import free_port
+from shared.devstack.services import SERVICES
 from shared.storage import storage_from_url
 from shared.storage.local import LocalStorage
 
@@ -127,34 +130,24 @@ def api_process(env: dict[str, str]) -> Iterator[str]:
     port = free_port()
     child_env = {k: v for k, v in os.environ.items() if k != "METRICS_PORT"} | env
     child_env["PYTHONPATH"] = str(ROOT)
+    api = next(spec for spec in SERVICES if spec.name == "api")
+    assert api.health_path is not None
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "services.api.app:create_app",
-            "--factory",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-access-log",
-            "--log-level",
-            "warning",
-        ],
-        env=child_env,
+        [*api.argv(host="127.0.0.1", port=port), "--log-level", "warning"], env=child_env
     )
     base = f"http://127.0.0.1:{port}"
+    health = base + api.health_path
     try:
         deadline = time.monotonic() + 60
         while True:
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                if httpx2.get(health, timeout=1, trust_env=False).status_code == 200:
                     break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the extra API process did not start") from None
-                time.sleep(0.2)
+            except httpx2.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the extra API process did not start")
+            time.sleep(0.2)
         yield base
     finally:
         process.terminate()
@@ -246,7 +239,6 @@ def main() -> int:
     import json
     import tempfile
 
-    import httpx2
     from export import dev_stack, run_export, storage_key
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

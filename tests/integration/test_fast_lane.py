@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -24,7 +23,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services.worker.actors import Actors
 from shared.db import transaction
-from shared.devstack.children import python_env
 from shared.exports import request_export
 from shared.flags import FlagCache
 from shared.identity import ensure_account, set_membership, upsert_user
@@ -33,6 +31,7 @@ from shared.models import ExportJob, ExportState, OutboxMessage, Role, User
 from shared.seeding import seed_orders
 from shared.settings import Settings
 from tests.integration.exportdata import make_job
+from tests.support.processes import start_worker
 
 #: Orders of each big account: at the brake below, an export of one takes about 15 s.
 BIG_ORDERS = 5000
@@ -129,13 +128,7 @@ def test_a_small_export_is_claimed_while_every_normal_thread_runs_a_big_one(
         "WORKER_SHUTDOWN_GRACE_SECONDS": "0",
     }
     log_path = tmp_path / "worker.log"
-    with log_path.open("wb") as log_file:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "services.worker"],
-            env=python_env(env),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
+    worker = start_worker(env, log_path)
     try:
         # Given both normal-lane threads stream a big export (two accounts), and a third big
         # export waits in the normal lane behind them

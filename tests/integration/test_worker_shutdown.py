@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -20,7 +18,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services.worker.actors import Actors
 from shared.db import transaction
-from shared.devstack.children import python_env
 from shared.flags import FlagCache
 from shared.identity import ensure_account, set_membership, upsert_user
 from shared.models import ExportJob, ExportState, ExportTransition, OutboxMessage, Role
@@ -29,6 +26,7 @@ from shared.seeding import seed_orders
 from shared.settings import Settings
 from shared.storage import storage_from_url
 from tests.integration.exportdata import make_job
+from tests.support.processes import start_worker
 
 #: docker-compose's stop_grace_period for the worker (seconds).
 COMPOSE_STOP_GRACE_SECONDS = int(
@@ -84,13 +82,7 @@ def test_sigterm_hands_back_an_export_that_cannot_finish_within_the_grace(
         "WORKER_SHUTDOWN_GRACE_SECONDS": str(GRACE_SECONDS),
     }
     log_path = tmp_path / "worker.log"
-    with log_path.open("wb") as log_file:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "services.worker"],
-            env=python_env(env),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
+    worker = start_worker(env, log_path)
     try:
         # Given an export the worker is streaming
         export_id = make_job(sessions, account_id=ids["account"], user_id=ids["user"])
