@@ -180,6 +180,27 @@ def _check_inline_rate(session: Session, *, settings: Settings, user: User) -> N
         )
 
 
+#: A request whose planner estimate is more than this many times the count budget is big
+#: without counting (filters without a text search only: their estimates come from the
+#: column statistics; a ``q`` search's estimate is rough, so it is always counted).
+ESTIMATE_MARGIN = 4
+
+
+def _request_size(
+    session: Session, account: Account, filters: OrderFilters, *, budget: int
+) -> tuple[int, int | None]:
+    """(rows, the planner's estimate or None): rows exact up to ``budget``, ``budget + 1``
+    meaning "more". The estimate comes first: a request on a big account then skips the
+    bounded count (reading up to ``budget`` rows, most of a request's time). A wrong estimate
+    can only send an export to the normal lane and the workers instead of the fast lane or the
+    request; the row cap above the budget is the estimate's in either case, and the worker
+    enforces it exactly."""
+    estimate = None if filters.q else estimate_rows(session, account, filters)
+    if estimate is not None and estimate > ESTIMATE_MARGIN * budget:
+        return budget + 1, estimate
+    return count_rows(session, account, filters, bound=budget + 1), estimate
+
+
 def request_export(
     session: Session,
     *,
@@ -213,9 +234,11 @@ def request_export(
 
     threshold = settings.export_async_threshold_rows
     budget = count_budget(settings)
-    rows = count_rows(session, account, filters, bound=budget + 1)
+    rows, estimate = _request_size(session, account, filters, budget=budget)
     if rows > settings.export_max_rows or (
-        rows > budget and estimate_rows(session, account, filters) > settings.export_max_rows
+        rows > budget
+        and (estimate_rows(session, account, filters) if estimate is None else estimate)
+        > settings.export_max_rows
     ):
         raise TooManyRows(
             f"this export would have more than {settings.export_max_rows:,} rows; "

@@ -1,7 +1,8 @@
 """Export lanes: small background exports never wait behind big ones.
 
 Every background export is sent to one of two Dramatiq queues, chosen when it is requested from
-the bounded row count the request makes anyway (exact up to 100,000 rows, no extra query):
+the size the request finds anyway (``shared.exports``: exact up to the count budget, or "big" from
+the planner's estimate; no extra query):
 
 - ``fast`` (queue ``exports.fast``): at most EXPORT_FAST_LANE_MAX_ROWS rows. Served by
   EXPORT_FAST_LANE_THREADS threads of each worker process that take nothing else, so a small
