@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.testclient import TestClient
 
 from services.api.app import create_app
+from services.api.state import state_of
 from shared.filters import FILTER_NAMES
 from shared.settings import Settings
 from tests.integration.reportdata import Population, populate
@@ -155,7 +156,7 @@ def test_deeply_nested_json_is_422(client: TestClient, population: Population) -
         headers={**bearer(population), **JSON},
     )
     assert response.status_code == 422, response.text
-    settings = client.app.state.settings.model_copy(  # type: ignore[attr-defined]
+    settings = state_of(client.app).settings.model_copy(  # type: ignore[arg-type]
         update={"max_request_body_bytes": 65536}
     )
     with TestClient(create_app(settings), base_url="http://127.0.0.1") as roomy:

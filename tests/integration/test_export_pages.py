@@ -10,6 +10,7 @@ import datetime as dt
 import html
 import json
 import re
+import threading
 import uuid
 from collections.abc import Iterator
 from html.parser import HTMLParser
@@ -20,15 +21,16 @@ from zoneinfo import ZoneInfo
 
 import httpx2
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from services.api.app import create_app
+from services.api.state import state_of
 from shared.db import transaction
 from shared.filters import OrderFilters, parse_filters
-from shared.flags import FlagCache, set_flag
+from shared.flags import set_flag
 from shared.identity import find_user
 from shared.models import ExportJob, ExportState
 from shared.runner import ExportRunner, RunOutcome
@@ -61,17 +63,14 @@ def app_settings(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture(scope="module")
 def app(app_settings: Settings, population: Population) -> Iterator[Starlette]:
-    app = create_app(app_settings)
-    app.state.flags = FlagCache(app.state.sessions, max_age=0)  # switches apply at once here
+    app = create_app(app_settings, flag_cache_seconds=0)  # switches apply at once here
     with TestClient(app):
         yield app
 
 
 @pytest.fixture(scope="module")
 def runner(app: Starlette) -> ExportRunner:
-    from services.api.export_routes import runner_of
-
-    return runner_of(app)
+    return state_of(app).runner
 
 
 def browser(app: Starlette, email: str | None = None) -> TestClient:
@@ -643,3 +642,52 @@ def test_the_script_polls_the_panel_drawn_by_the_server(
     assert browser(app, "admin@globex.test").get(poll_url).status_code == 404
     assert TestClient(app).get(poll_url).status_code == 401
     cancel_all(sessions)
+
+
+@pytest.fixture(scope="module")
+def cached_switches(
+    app_settings: Settings, population: Population
+) -> Iterator[tuple[Starlette, str]]:
+    """An app whose switches stay cached (its requests open no session of the flag cache), and
+    a ready export of it."""
+    app = create_app(app_settings, flag_cache_seconds=3600)
+    with TestClient(app):
+        yield app, _ready_export(browser(app, "admin@acme.test"))
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/",
+        "/accounts/acme/orders",
+        "/accounts/acme/orders?placed_from=someday",  # 422: the page with the filter's error
+        "/accounts/acme/exports/panel",
+        "/exports/{id}",
+        "/exports/{id}/panel",
+        "/exports/{id}/delete-file",
+        "/api/v1/accounts/acme/order-exports",
+        "/api/v1/accounts/acme/orders",
+    ],
+)
+def test_a_page_or_api_request_identifies_the_caller_in_its_one_session(
+    cached_switches: tuple[Starlette, str], path: str
+) -> None:
+    """The caller, the page and its Exports panel share one session: one pool checkout."""
+    app, export_id = cached_switches
+    admin = browser(app, "admin@acme.test")
+    url = path.format(id=export_id)
+    assert admin.get(url).status_code in (200, 422)  # the switches are cached from here on
+    engine = state_of(app).engine
+    checkouts: list[str] = []
+
+    def checked_out(*_: object) -> None:
+        if threading.current_thread().name != "warm-up":  # the app's start, not a request
+            checkouts.append(threading.current_thread().name)
+
+    event.listen(engine, "checkout", checked_out)
+    try:
+        response = admin.get(url)
+    finally:
+        event.remove(engine, "checkout", checked_out)
+    assert response.status_code in (200, 422), response.text
+    assert len(checkouts) == 1, checkouts

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.testclient import TestClient
 
 from services.api.app import create_app
+from services.api.state import state_of
 from shared.db import transaction
 from shared.events import ExportRequested, decode
 from shared.flags import set_flag
@@ -67,9 +68,7 @@ def client(app_settings: Settings, population: Population) -> Iterator[TestClien
 
 @pytest.fixture(scope="module")
 def runner(client: TestClient) -> ExportRunner:
-    from services.api.export_routes import runner_of
-
-    return runner_of(client.app)  # type: ignore[arg-type]
+    return state_of(client.app).runner  # type: ignore[arg-type]
 
 
 def bearer(population: Population, who: str = "admin") -> dict[str, str]:
@@ -626,7 +625,7 @@ class TestDownloads:
     ) -> None:
         from shared.signing import SigningKeys, download_path
 
-        with client.app.state.sessions() as session:  # type: ignore[attr-defined]
+        with state_of(client.app).sessions() as session:  # type: ignore[arg-type]
             admin = find_user(session, "admin@acme.test")
         assert admin is not None
         past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)
@@ -648,7 +647,7 @@ class TestDownloads:
     ) -> None:
         from shared.signing import SigningKeys, download_path
 
-        with client.app.state.sessions() as session:  # type: ignore[attr-defined]
+        with state_of(client.app).sessions() as session:  # type: ignore[arg-type]
             admin = find_user(session, "admin@acme.test")
         assert admin is not None
         soon = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
