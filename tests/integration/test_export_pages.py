@@ -14,7 +14,6 @@ import threading
 import uuid
 from collections.abc import Iterator
 from html.parser import HTMLParser
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 from zoneinfo import ZoneInfo
@@ -36,29 +35,21 @@ from shared.models import ExportJob, ExportState
 from shared.runner import ExportRunner, RunOutcome
 from shared.settings import Settings
 from shared.signing import SigningKeys, download_path
-from tests.integration.exportdata import make_job
 from tests.integration.reportdata import TIMEZONE, Population, populate
+from tests.support.jobs import make_job
 
 THRESHOLD = 200
 PASSWORD = "correct horse battery"
 HTML = {"Accept": "text/html,application/xhtml+xml"}
 
 
+#: What the module's app changes of the test settings (tests/integration/conftest.py).
+APP_SETTINGS = {"export_async_threshold_rows": THRESHOLD, "export_max_active_per_user": 4}
+
+
 @pytest.fixture(scope="module")
 def population(sessions: sessionmaker[Session]) -> Population:
     return populate(sessions, orders=1500)
-
-
-@pytest.fixture(scope="module")
-def app_settings(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    storage = Path(tmp_path_factory.mktemp("storage"))
-    return settings.model_copy(
-        update={
-            "storage_url": storage.as_uri(),
-            "export_async_threshold_rows": THRESHOLD,
-            "export_max_active_per_user": 4,
-        }
-    )
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +137,16 @@ def user_id(sessions: sessionmaker[Session], email: str) -> int:
         user = find_user(session, email)
         assert user is not None
         return user.id
+
+
+def admin_job(sessions: sessionmaker[Session], population: Population, **values: Any) -> uuid.UUID:
+    """An export of the account's admin, inserted directly (``values``: state and columns)."""
+    return make_job(
+        sessions,
+        account_id=population.account_id,
+        user_id=user_id(sessions, "admin@acme.test"),
+        **values,
+    )
 
 
 def cancel_all(sessions: sessionmaker[Session]) -> None:
@@ -308,10 +309,9 @@ def test_export_page_explains_failures(
     says: str,
     retry_button: bool,
 ) -> None:
-    export_id = make_job(
+    export_id = admin_job(
         sessions,
-        account_id=population.account_id,
-        user_id=user_id(sessions, "admin@acme.test"),
+        population,
         state=ExportState.FAILED,
         filters=OrderFilters(status=("paid",), placed_from=dt.date(2025, 1, 1)),
         error_code=code,
@@ -337,9 +337,7 @@ def test_export_page_explains_failures(
 def test_export_page_is_for_admins_of_the_account(
     app: Starlette, sessions: sessionmaker[Session], population: Population
 ) -> None:
-    export_id = make_job(
-        sessions, account_id=population.account_id, user_id=user_id(sessions, "admin@acme.test")
-    )
+    export_id = admin_job(sessions, population)
     assert browser(app, "member@acme.test").get(f"/exports/{export_id}").status_code == 404
     assert browser(app, "admin@globex.test").get(f"/exports/{export_id}").status_code == 404
     assert browser(app, "admin@acme.test").get("/exports/not-a-uuid").status_code == 404
@@ -419,10 +417,9 @@ def test_expired_file_lands_on_the_export_page_with_re_export(
 ) -> None:
     cancel_all(sessions)
     export_id = str(
-        make_job(
+        admin_job(
             sessions,
-            account_id=population.account_id,
-            user_id=user_id(sessions, "admin@acme.test"),
+            population,
             state=ExportState.EXPIRED,
             filters=OrderFilters(channel=("phone",), status=("paid",)),
         )
@@ -481,10 +478,9 @@ def test_page_and_api_give_the_support_verdict_in_the_users_words(
     from shared import support
 
     # Given an export in some state
-    export_id = make_job(
+    export_id = admin_job(
         sessions,
-        account_id=population.account_id,
-        user_id=user_id(sessions, "admin@acme.test"),
+        population,
         state=state,
         **values,
     )
@@ -617,9 +613,7 @@ def test_the_export_form_offers_the_two_options_and_the_panel_shows_them(
 def test_the_script_polls_the_panel_drawn_by_the_server(
     app: Starlette, sessions: sessionmaker[Session], population: Population
 ) -> None:
-    export_id = make_job(
-        sessions, account_id=population.account_id, user_id=user_id(sessions, "admin@acme.test")
-    )
+    export_id = admin_job(sessions, population)
     admin = browser(app, "admin@acme.test")
     page = admin.get("/accounts/acme/orders?status=paid")
     poll_url = config_of(page.text)["poll_url"]
