@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import csv
 import datetime as dt
+import functools
 import itertools
 import json
 import os
@@ -62,6 +63,7 @@ from sqlalchemy.orm import Session
 
 from shared.csvfile import copy_statement
 from shared.db import sqlalchemy_url
+from shared.devstack.stack import JOINED
 from shared.filters import OrderFilters, parse_filters
 from shared.models import Account, ExportJob, Order
 from shared.report import DEFAULT_PAGE_SIZE, explain, page_select
@@ -69,16 +71,6 @@ from shared.report import DEFAULT_PAGE_SIZE, explain, page_select
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 READY = re.compile(r"ready (http://127\.0\.0\.1:\d+)")
-#: Variables that would make ``dev`` join outside servers.
-STACK_VARIABLES = (
-    "DATABASE_URL",
-    "REDIS_URL",
-    "KAFKA_BOOTSTRAP_SERVERS",
-    "STORAGE_URL",
-    "SMTP_URL",
-    "SECRET_KEY",
-    "PUBLIC_URL",
-)
 #: Report queries the load generator cycles through (one page each): every filter, every sort
 #: and ``q`` searches on the order number, the customer's name and the email, alone and combined.
 REPORT_QUERIES: tuple[dict[str, Any], ...] = (
@@ -120,7 +112,7 @@ def median_time(fn: Callable[[], object], runs: int) -> tuple[float, list[float]
 def dev_stack(
     rows: int, data_dir: Path, extra_env: dict[str, str]
 ) -> Iterator[tuple[dict[str, Any], subprocess.Popen[str]]]:
-    env = {k: v for k, v in os.environ.items() if k not in STACK_VARIABLES}
+    env = {k: v for k, v in os.environ.items() if k not in JOINED}
     env.update(extra_env)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     process = subprocess.Popen(
@@ -531,15 +523,15 @@ def report_section(
     database_url = stack["env"]["DATABASE_URL"]
     headers = {"Authorization": f"Bearer {token}"}
     results["report_queries"] = list(REPORT_QUERIES)
-    idle_by_query: dict[int, list[float]] = {}
-    results["report_latencies_idle"] = report_load(
+    load = functools.partial(
+        report_load,
         stack["api_url"],
         token,
         clients=args.load_clients,
         seconds=args.load_seconds,
-        background=None,
-        by_query=idle_by_query,
     )
+    idle_by_query: dict[int, list[float]] = {}
+    results["report_latencies_idle"] = load(background=None, by_query=idle_by_query)
     results["report_by_query_idle"] = [
         {
             "query": REPORT_QUERIES[n],
@@ -558,11 +550,7 @@ def report_section(
                 results.setdefault("report_background_exports", []).append(run_export(c, {}))
 
     results["report_plans_exporting"] = []
-    results["report_latencies_exporting"] = report_load(
-        stack["api_url"],
-        token,
-        clients=args.load_clients,
-        seconds=args.load_seconds,
+    results["report_latencies_exporting"] = load(
         background=exports_running,
         explain_into=results["report_plans_exporting"],
         database_url=database_url,

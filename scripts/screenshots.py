@@ -47,7 +47,7 @@ def main() -> int:
     from playwright.sync_api import sync_playwright
 
     from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS, VIEWPORT
-    from tests.e2e.harness import LiveStack
+    from tests.support.stack import LiveStack
 
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="oex-shots-") as tmp:
@@ -73,7 +73,7 @@ class Shooter:
     def __init__(self, stack: object, page: object, out: Path) -> None:
         from playwright.sync_api import Page
 
-        from tests.e2e.harness import LiveStack
+        from tests.support.stack import LiveStack
 
         assert isinstance(stack, LiveStack) and isinstance(page, Page)
         self.stack = stack

@@ -233,9 +233,7 @@ class ConsumerLoop:
                 self.give_up(event, error)
             except Exception as exc:  # recorded by the dead letter anyway
                 log.warning("%s: give_up failed (%s)", self.name, type(exc).__name__)
-        consumer.store_offsets(message=message)
-        self.dead_lettered += 1
-        metrics.CONSUMED.labels(self.group_id, "dead_lettered").inc()
+        self._moved_on(consumer, message)
         log.error(
             "%s: %s of export %s still failing after %.0f s; moved to %s",
             self.name,
@@ -264,9 +262,7 @@ class ConsumerLoop:
                     type(dl_exc).__name__,
                 )
                 return None, type(dl_exc).__name__
-            consumer.store_offsets(message=message)
-            self.dead_lettered += 1
-            metrics.CONSUMED.labels(self.group_id, "dead_lettered").inc()
+            self._moved_on(consumer, message)
             log.warning(
                 "%s: undecodable message %s[%d]@%d moved to %s",
                 self.name,
@@ -292,6 +288,12 @@ class ConsumerLoop:
         self.handled += 1
         metrics.CONSUMED.labels(self.group_id, "handled").inc()
         return None
+
+    def _moved_on(self, consumer: Any, message: Any) -> None:
+        """``message`` is on the dead-letter topic: its offset is stored and it is counted."""
+        consumer.store_offsets(message=message)
+        self.dead_lettered += 1
+        metrics.CONSUMED.labels(self.group_id, "dead_lettered").inc()
 
     def _dead_letter(self, message: Any, *, reason: str) -> None:
         """Copy ``message`` to the dead-letter topic and wait until the broker has it."""

@@ -6,12 +6,15 @@ Everything else receives a :class:`Settings` instance; tests build one directly.
 from __future__ import annotations
 
 import ipaddress
-from typing import TYPE_CHECKING, Annotated, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import ConfigurationError
+
+_T = TypeVar("_T")
 
 if TYPE_CHECKING:
     from shared.smtp import SmtpTarget
@@ -169,10 +172,7 @@ class Settings(BaseSettings):
     def _signing_keys(self) -> Settings:
         from shared.signing import SigningKeys
 
-        try:
-            SigningKeys.from_settings(self)
-        except ConfigurationError as exc:
-            raise ValueError(exc.message) from None
+        _parsed_or_invalid(SigningKeys.from_settings, self)
         return self
 
     @field_validator("smtp_url")
@@ -181,10 +181,7 @@ class Settings(BaseSettings):
         from shared.smtp import parse_smtp_url
 
         if value:
-            try:
-                parse_smtp_url(value)
-            except ConfigurationError as exc:
-                raise ValueError(exc.message) from None
+            _parsed_or_invalid(parse_smtp_url, value)
         return value
 
     @field_validator("storage_url")
@@ -193,10 +190,7 @@ class Settings(BaseSettings):
         from shared.storage import storage_from_url
 
         if value:
-            try:
-                storage_from_url(value)  # builds the adapter only: nothing is contacted
-            except ConfigurationError as exc:
-                raise ValueError(exc.message) from None
+            _parsed_or_invalid(storage_from_url, value)  # builds the adapter: nothing is contacted
         return value
 
     @property
@@ -240,6 +234,15 @@ class Settings(BaseSettings):
         if not value:
             raise ConfigurationError(f"missing required setting {name.upper()}")
         return str(value)
+
+
+def _parsed_or_invalid(parse: Callable[[_T], object], value: _T) -> None:
+    """Run our own parser of a setting; its ConfigurationError (which names the variable)
+    becomes the ValueError pydantic reports."""
+    try:
+        parse(value)
+    except ConfigurationError as exc:
+        raise ValueError(exc.message) from None
 
 
 def load_settings() -> Settings:

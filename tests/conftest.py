@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
@@ -14,6 +15,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.db import make_engine, make_sessionmaker
 from shared.migrate import upgrade
 from shared.settings import Settings
+
+if TYPE_CHECKING:
+    import httpx2
+
+    from tests.support.stack import LiveStack
 
 TEMPLATE_DB = "orders_export_template"
 #: Modules that take a minute or more, longest first. They are collected before all others so
@@ -117,3 +123,12 @@ def sessions(settings: Settings) -> Iterator[sessionmaker[Session]]:
         yield make_sessionmaker(engine)
     finally:
         engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def api(stack: LiveStack) -> Iterator[httpx2.Client]:
+    """A client of the live stack's API (the ``stack`` fixture of the e2e, fault and browser
+    tests) with the demo admin's bearer token."""
+    from tests.support.stack import api_client
+
+    yield from api_client(stack)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
@@ -21,14 +23,18 @@ from services.api.auth import SESSION_COOKIE
 from services.api.clients import trusted_networks
 from services.api.errors import handle_domain_error, handle_http_exception
 from services.api.middleware import BodyLimitMiddleware, SecurityHeadersMiddleware
+from services.api.state import ApiState
 from shared import downloads, logredact
-from shared.db import make_engine, make_sessionmaker, warm_up
-from shared.errors import OrdersExportError
-from shared.flags import FlagCache
+from shared.csvfile import inline_pool
+from shared.db import libpq_url, make_engine, make_sessionmaker, warm_up
+from shared.errors import OrdersExportError, StorageError
+from shared.flags import CACHE_SECONDS, FlagCache
+from shared.runner import ExportRunner
 from shared.settings import Settings, load_settings
 from shared.signing import SigningKeys
 
 HERE = Path(__file__).parent
+log = logging.getLogger(__name__)
 
 
 def _static_url(settings: Settings) -> Callable[[str], str]:
@@ -44,6 +50,14 @@ def _static_url(settings: Settings) -> Callable[[str], str]:
 
 #: How long the stop waits for the start's warm-up thread (seconds).
 WARM_UP_JOIN_SECONDS = 10
+#: Export connections the API keeps for small exports made inside requests (the per-user
+#: EXPORT_MAX_INLINE_PER_MINUTE limit bounds how many users can keep them busy).
+INLINE_POOL_SIZE = 4
+
+
+#: The API's paths of one account's exports and of one export.
+ACCOUNT_EXPORTS = "/api/v1/accounts/{slug}/order-exports"
+EXPORT = "/api/v1/order-exports/{export_id}"
 
 
 def app_routes() -> list[BaseRoute]:
@@ -59,27 +73,13 @@ def app_routes() -> list[BaseRoute]:
         Route("/openapi.json", openapi.openapi_json),
         Route("/accounts/{slug}/orders", report.orders_page, name="orders_page"),
         Route("/api/v1/accounts/{slug}/orders", report.orders_api),
-        Route(
-            "/api/v1/accounts/{slug}/order-exports", export_routes.create_export, methods=["POST"]
-        ),
-        Route("/api/v1/accounts/{slug}/order-exports", export_routes.list_exports, methods=["GET"]),
-        Route("/api/v1/order-exports/{export_id}", export_routes.get_export, methods=["GET"]),
-        Route(
-            "/api/v1/order-exports/{export_id}/retry", export_routes.retry_export, methods=["POST"]
-        ),
-        Route(
-            "/api/v1/order-exports/{export_id}/cancel",
-            export_routes.cancel_export,
-            methods=["POST"],
-        ),
-        Route(
-            "/api/v1/order-exports/{export_id}/file", export_routes.delete_file, methods=["DELETE"]
-        ),
-        Route(
-            "/api/v1/order-exports/{export_id}/downloads",
-            export_routes.list_downloads,
-            methods=["GET"],
-        ),
+        Route(ACCOUNT_EXPORTS, export_routes.create_export, methods=["POST"]),
+        Route(ACCOUNT_EXPORTS, export_routes.list_exports, methods=["GET"]),
+        Route(EXPORT, export_routes.get_export, methods=["GET"]),
+        Route(f"{EXPORT}/retry", export_routes.retry_export, methods=["POST"]),
+        Route(f"{EXPORT}/cancel", export_routes.cancel_export, methods=["POST"]),
+        Route(f"{EXPORT}/file", export_routes.delete_file, methods=["DELETE"]),
+        Route(f"{EXPORT}/downloads", export_routes.list_downloads, methods=["GET"]),
         Route("/exports/{export_id}/download", export_routes.download, methods=["GET"]),
         Route("/accounts/{slug}/exports", pages.request_export, methods=["POST"]),
         Route("/accounts/{slug}/exports/panel", pages.panel_items, methods=["GET"]),
@@ -93,29 +93,87 @@ def app_routes() -> list[BaseRoute]:
     ]
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+def _templates(settings: Settings) -> Jinja2Templates:
+    environment = Environment(
+        loader=FileSystemLoader(HERE / "templates"),
+        autoescape=select_autoescape(),
+        auto_reload=False,
+    )
+    environment.globals["static_url"] = _static_url(settings)
+    return Jinja2Templates(env=environment)
+
+
+def build_state(settings: Settings, *, flag_cache_seconds: float = CACHE_SECONDS) -> ApiState:
+    """Everything the requests share: the database, the switches, the templates and, when
+    STORAGE_URL is set, the storage and the runner of small exports (its pool opens now)."""
+    engine = make_engine(settings.database_url)
+    sessions = make_sessionmaker(engine)
+    flags = FlagCache(sessions, max_age=flag_cache_seconds)
+    storage = settings.storage_target
+    runner = None
+    if storage is not None:
+        runner = ExportRunner(
+            settings=settings,
+            sessions=sessions,
+            storage=storage,
+            flags=flags,
+            inline_pool=inline_pool(
+                libpq_url(settings.export_database_url or settings.database_url),
+                size=INLINE_POOL_SIZE,
+            ),
+        )
+    return ApiState(
+        settings=settings,
+        engine=engine,
+        sessions=sessions,
+        flags=flags,
+        templates=_templates(settings),
+        trusted_proxies=trusted_networks(settings.trusted_proxies),
+        password_checks=threading.BoundedSemaphore(settings.login_max_concurrent_checks),
+        storage_or_none=storage,
+        runner_or_none=runner,
+    )
+
+
+def _prepare_storage(state: ApiState) -> None:
+    """The bucket (or directory) and its expiry rule; storage that is down at the start is not
+    fatal here: the report goes on, exports answer 503 until it is back (the worker, which
+    cannot work without it, prepares it too)."""
+    if state.storage_or_none is None:
+        return
+    try:
+        state.storage_or_none.prepare()
+    except StorageError as exc:
+        log.warning("api: storage not prepared at the start: %s", exc.message)
+
+
+def create_app(
+    settings: Settings | None = None, *, flag_cache_seconds: float = CACHE_SECONDS
+) -> Starlette:
     """Build the app; reads the environment only when no settings are given."""
     settings = settings or load_settings()
     SigningKeys.from_settings(settings)  # a malformed or repeated key fails the start
     logredact.install()  # access logs carry signed links: their signatures are redacted
-    engine = make_engine(settings.database_url)
     downloads.declare_metrics()
+    state = build_state(settings, flag_cache_seconds=flag_cache_seconds)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         metrics_port = health.MetricsPort(settings) if settings.metrics_port else None
         # The first request should not pay the one-time setup; a database that is slow to
         # answer must not hold the start up either, hence a thread of its own.
-        warming = threading.Thread(target=warm_up, args=(engine,), name="warm-up", daemon=True)
+        warming = threading.Thread(
+            target=warm_up, args=(state.engine,), name="warm-up", daemon=True
+        )
         warming.start()
+        await run_in_threadpool(_prepare_storage, state)
         yield
         warming.join(WARM_UP_JOIN_SECONDS)  # its connections go back to the pool before dispose
         if metrics_port is not None:
             metrics_port.stop()
-        runner = getattr(app.state, "runner", None)
-        if runner is not None:
-            runner.close()
-        engine.dispose()
+        if state.runner_or_none is not None:
+            state.runner_or_none.close()
+        state.engine.dispose()
 
     routes = app_routes()
     middleware = [
@@ -139,19 +197,5 @@ def create_app(settings: Settings | None = None) -> Starlette:
         },
         lifespan=lifespan,
     )
-    environment = Environment(
-        loader=FileSystemLoader(HERE / "templates"),
-        autoescape=select_autoescape(),
-        auto_reload=False,
-    )
-    app.state.settings = settings
-    app.state.engine = engine
-    app.state.sessions = make_sessionmaker(engine)
-    app.state.flags = FlagCache(app.state.sessions)
-    app.state.storage = None
-    app.state.runner = None
-    app.state.templates = Jinja2Templates(env=environment)
-    environment.globals["static_url"] = _static_url(settings)
-    app.state.trusted_proxies = trusted_networks(settings.trusted_proxies)
-    app.state.password_checks = threading.BoundedSemaphore(settings.login_max_concurrent_checks)
+    app.state.api = state
     return app

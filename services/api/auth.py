@@ -11,8 +11,9 @@ from urllib.parse import quote
 
 from sqlalchemy.orm import Session
 from starlette.requests import Request
-from starlette.responses import RedirectResponse
+from starlette.responses import RedirectResponse, Response
 
+from services.api.state import api_state
 from shared.db import transaction
 from shared.errors import CsrfFailed, Unauthenticated
 from shared.identity import (
@@ -74,7 +75,7 @@ def bearer_token(request: Request) -> str | None:
 def _in_own_transaction(request: Request, work: Callable[[Session], None]) -> None:
     """Usage stamps and ended sessions are written apart from the request's own (often
     read-only, never committed) session."""
-    with transaction(request.app.state.sessions) as writer:
+    with transaction(api_state(request).sessions) as writer:
         work(writer)
 
 
@@ -87,7 +88,7 @@ def _session_user(request: Request, session: Session) -> User | None:
     row = web_session(session, sid)
     if row is None:
         return None
-    settings = request.app.state.settings
+    settings = api_state(request).settings
     now = dt.datetime.now(dt.UTC)
     user = session.get(User, row.user_id)
     if (
@@ -126,18 +127,35 @@ def require_caller(
     caller = identify(request, session)
     if caller is None:
         raise Unauthenticated("log in or send a bearer token")
+    check_csrf(request, caller, submitted_csrf)
+    return caller
+
+
+def check_csrf(request: Request, caller: Caller, submitted_csrf: str | None = None) -> None:
+    """A cookie-authenticated write must carry the session's CSRF token (form field or
+    header); bearer tokens and safe methods need none."""
     if caller.via_session and request.method not in SAFE_METHODS:
         sent = submitted_csrf or request.headers.get(CSRF_HEADER, "")
         expected = str(request.session.get("csrf", ""))
         if not expected or not hmac.compare_digest(sent.encode(), expected.encode()):
             raise CsrfFailed("missing or invalid CSRF token")
-    return caller
 
 
 def authenticated(request: Request) -> Caller | None:
-    """The caller, looked up before a request body is read (anonymous bodies stay unread)."""
-    with request.app.state.sessions() as session:
+    """The caller, looked up before a request body is read (anonymous bodies stay unread); the
+    handler hands it on, so the request is identified once (CSRF: :func:`check_csrf`)."""
+    with api_state(request).sessions() as session:
         return identify(request, session)
+
+
+def for_caller(request: Request, page: Callable[[Session, Caller], Response]) -> Response:
+    """A browser page drawn for its caller, identified in the page's own session (one session
+    per request); no caller: the login form, then back here."""
+    with api_state(request).sessions() as session:
+        caller = identify(request, session)
+        if caller is None:
+            return login_redirect(request)
+        return page(session, caller)
 
 
 def login_redirect(request: Request) -> RedirectResponse:

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 from starlette.requests import Request
 
+from services.api.state import api_state
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -29,7 +31,7 @@ def client_address(request: Request) -> str:
     """Who is asking. ``X-Forwarded-For`` counts only when the peer is a trusted proxy; then the
     right-most entry that is not itself a trusted proxy is the client (entries to its left were
     written by the client and prove nothing)."""
-    networks: tuple[Network, ...] = request.app.state.trusted_proxies
+    networks = api_state(request).trusted_proxies
     peer = request.client.host if request.client else "unknown"
     if not networks or not _trusted(peer, networks):
         return peer
@@ -52,7 +54,7 @@ def client_address(request: Request) -> str:
 def public_origin(request: Request) -> str:
     """The base of absolute URLs (links, static assets): PUBLIC_URL, else the address the server
     listens on. Never the Host header, which the client chooses."""
-    public_url: str | None = request.app.state.settings.public_url
+    public_url = api_state(request).settings.public_url
     if public_url:
         return public_url.rstrip("/") + "/"
     scheme = request.url.scheme

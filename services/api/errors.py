@@ -7,6 +7,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
+from services.api.state import api_state
 from shared import errors, wire
 
 #: Domain error class -> HTTP status. The most specific class in an error's MRO wins.
@@ -63,8 +64,7 @@ async def handle_domain_error(request: Request, exc: Exception) -> Response:
     if isinstance(retry_after, int):
         headers["Retry-After"] = str(retry_after)
     if wants_html(request):
-        templates = request.app.state.templates
-        return templates.TemplateResponse(  # type: ignore[no-any-return]
+        return api_state(request).templates.TemplateResponse(
             request,
             "error.html",
             {"status": status, "message": exc.message},

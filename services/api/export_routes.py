@@ -6,25 +6,23 @@ import base64
 import functools
 import json
 import logging
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
 from sqlalchemy.orm import Session
-from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 
 from services.api import byteranges, exportviews
-from services.api.auth import Caller, authenticated, login_redirect, require_caller
-from services.api.clients import client_address, public_origin
+from services.api.auth import Caller, authenticated, check_csrf, login_redirect, require_caller
+from services.api.clients import client_address
 from services.api.errors import error_body, wants_html
+from services.api.exportviews import export_json
+from services.api.state import api_state
 from shared import downloads, exports, wire
-from shared.csvfile import inline_pool
-from shared.db import libpq_url
 from shared.errors import (
     BadSignature,
     FileExpired,
@@ -34,68 +32,12 @@ from shared.errors import (
     ValidationError,
 )
 from shared.models import Account, ExportJob
-from shared.runner import ExportRunner
 from shared.signing import SigningKeys
-from shared.storage import Storage, lifecycle_days, storage_from_url
 
 log = logging.getLogger(__name__)
 
 #: Responses that carry signed download links are never stored by caches.
 NO_STORE = {"Cache-Control": "no-store"}
-#: Export connections the API keeps for small exports made inside requests (the per-user
-#: EXPORT_MAX_INLINE_PER_MINUTE limit bounds how many users can keep them busy).
-INLINE_POOL_SIZE = 4
-#: Guards the lazy construction below (the report alone needs no storage).
-_build_lock = threading.RLock()
-
-
-def storage_of(app: Starlette) -> Storage:
-    """The app's storage adapter, built on first use."""
-    with _build_lock:
-        if getattr(app.state, "storage", None) is None:
-            settings = app.state.settings
-            storage = storage_from_url(
-                settings.require("storage_url"),
-                part_size_mib=settings.storage_part_size_mib,
-                expire_days=lifecycle_days(settings.export_file_ttl_seconds),
-            )
-            storage.prepare()
-            app.state.storage = storage
-        return app.state.storage  # type: ignore[no-any-return]
-
-
-def runner_of(app: Starlette) -> ExportRunner:
-    """The app's export runner (small exports are made inside the request), built on first use."""
-    with _build_lock:
-        if getattr(app.state, "runner", None) is None:
-            settings = app.state.settings
-            app.state.runner = ExportRunner(
-                settings=settings,
-                sessions=app.state.sessions,
-                storage=storage_of(app),
-                flags=app.state.flags,
-                inline_pool=inline_pool(
-                    libpq_url(settings.export_database_url or settings.database_url),
-                    size=INLINE_POOL_SIZE,
-                ),
-            )
-        return app.state.runner  # type: ignore[no-any-return]
-
-
-def _base_url(request: Request) -> str:
-    return public_origin(request)
-
-
-def _export_body(
-    request: Request, job: ExportJob, account: Account, caller: Caller
-) -> dict[str, Any]:
-    return exports.to_json(
-        job,
-        account=account,
-        settings=request.app.state.settings,
-        viewer=caller.user,
-        base_url=_base_url(request),
-    )
 
 
 async def _json_body(request: Request) -> object:
@@ -132,20 +74,23 @@ class Created:
 
 def create(
     request: Request,
+    caller: Caller,
     body: object,
     idempotency_key: str | None,
     *,
     submitted_csrf: str | None = None,
 ) -> Created:
-    """Record an export request (and make a small one right away); used by the API and the form."""
-    app = request.app
-    with app.state.sessions() as session:
+    """Record an export request (and make a small one right away); used by the API and the form.
+
+    ``caller`` was identified before the body was read; a cookie's write is CSRF-checked here."""
+    check_csrf(request, caller, submitted_csrf)
+    state = api_state(request)
+    with state.sessions() as session:
         with session.begin():
-            caller = require_caller(request, session, submitted_csrf=submitted_csrf)
             requested = exports.request_export(
                 session,
-                settings=app.state.settings,
-                flags=app.state.flags,
+                settings=state.settings,
+                flags=state.flags,
                 user=caller.user,
                 slug=request.path_params["slug"],
                 body=body,
@@ -156,33 +101,34 @@ def create(
         if disposition is exports.Disposition.IN_FLIGHT:
             return Created(requested.job, account, caller, STATUSES[disposition])
         if requested.inline:
-            disposition = exports.make_small_export(app.state.sessions, runner_of(app), job_id)
+            disposition = exports.make_small_export(state.sessions, state.runner, job_id)
         job = session.get_one(ExportJob, job_id, populate_existing=True)
         return Created(job, account, caller, STATUSES[disposition])
 
 
 def _create(
-    request: Request, body: object, idempotency_key: str | None
+    request: Request, caller: Caller, body: object, idempotency_key: str | None
 ) -> tuple[dict[str, Any], int]:
-    created = create(request, body, idempotency_key)
-    export = _export_body(request, created.job, created.account, created.caller)
+    created = create(request, caller, body, idempotency_key)
+    export = export_json(request, created.job, created.account, created.caller)
     return {"export": export}, created.status
 
 
 async def create_export(request: Request) -> Response:
-    if await run_in_threadpool(authenticated, request) is None:  # before reading the body
+    caller = await run_in_threadpool(authenticated, request)  # before reading the body
+    if caller is None:
         raise Unauthenticated("log in or send a bearer token")
     body = await _json_body(request)
     idempotency_key = request.headers.get("idempotency-key")
-    payload, status = await run_in_threadpool(_create, request, body, idempotency_key)
+    payload, status = await run_in_threadpool(_create, request, caller, body, idempotency_key)
     return JSONResponse(payload, status, headers=NO_STORE)
 
 
 def _list(request: Request) -> dict[str, Any]:
-    with request.app.state.sessions() as session:
+    with api_state(request).sessions() as session:
         caller = require_caller(request, session)
         account, found = exports.list_for_account(session, request.path_params["slug"], caller.user)
-        return {"exports": [_export_body(request, job, account, caller) for job in found]}
+        return {"exports": [export_json(request, job, account, caller) for job in found]}
 
 
 async def list_exports(request: Request) -> Response:
@@ -190,10 +136,10 @@ async def list_exports(request: Request) -> Response:
 
 
 def _detail(request: Request) -> dict[str, Any]:
-    with request.app.state.sessions() as session:
+    with api_state(request).sessions() as session:
         caller = require_caller(request, session)
         job, account = exports.get_for_admin(session, request.path_params["export_id"], caller.user)
-        return {"export": _export_body(request, job, account, caller)}
+        return {"export": export_json(request, job, account, caller)}
 
 
 async def get_export(request: Request) -> Response:
@@ -201,18 +147,26 @@ async def get_export(request: Request) -> Response:
 
 
 def act(
-    request: Request, action: str, *, submitted_csrf: str | None = None
+    request: Request,
+    action: str,
+    *,
+    caller: Caller | None = None,
+    submitted_csrf: str | None = None,
 ) -> tuple[ExportJob, Account, Caller]:
-    """Retry, cancel or delete the file of the export of the path; used by the API and forms."""
-    app = request.app
-    with app.state.sessions() as session, session.begin():
-        caller = require_caller(request, session, submitted_csrf=submitted_csrf)
+    """Retry, cancel or delete the file of the export of the path; used by the API and forms
+    (these pass the ``caller`` they identified before reading the form)."""
+    state = api_state(request)
+    with state.sessions() as session, session.begin():
+        if caller is None:
+            caller = require_caller(request, session, submitted_csrf=submitted_csrf)
+        else:
+            check_csrf(request, caller, submitted_csrf)
         export_id = request.path_params["export_id"]
         if action == "delete_file":
             found, account = exports.get_for_management(session, export_id, caller.user)
             job = exports.delete_file(
                 session,
-                storage_of(app),
+                state.storage,
                 job=found,
                 account=account,
                 actor=f"user:{caller.user.id}",
@@ -221,8 +175,8 @@ def act(
         elif action == "retry":
             job = exports.retry(
                 session,
-                settings=app.state.settings,
-                flags=app.state.flags,
+                settings=state.settings,
+                flags=state.flags,
                 export_id=export_id,
                 user=caller.user,
             )
@@ -233,7 +187,7 @@ def act(
 
 def _act(request: Request, action: str) -> dict[str, Any]:
     job, account, caller = act(request, action)
-    return {"export": _export_body(request, job, account, caller)}
+    return {"export": export_json(request, job, account, caller)}
 
 
 async def retry_export(request: Request) -> Response:
@@ -256,7 +210,7 @@ async def delete_file(request: Request) -> Response:
 
 
 def _downloads(request: Request) -> dict[str, Any]:
-    with request.app.state.sessions() as session:
+    with api_state(request).sessions() as session:
         caller = require_caller(request, session)
         export_id = request.path_params["export_id"]
         job, _ = exports.get_for_management(session, export_id, caller.user)
@@ -291,7 +245,8 @@ class _File:
 def _file_of(request: Request, job: ExportJob) -> _File:
     """What this request gets of the export's file: all of it, a range, 416, or a redirect."""
     assert job.storage_key is not None and job.file_name is not None
-    storage = storage_of(request.app)
+    state = api_state(request)
+    storage = state.storage
     size = job.size_bytes if job.size_bytes is not None else storage.size(job.storage_key)
     file = _File(
         job.storage_key,
@@ -311,7 +266,7 @@ def _file_of(request: Request, job: ExportJob) -> _File:
         file = replace(file, unsatisfiable=True)
     else:
         file = replace(file, range=wanted)
-    seconds = request.app.state.settings.export_download_redirect_seconds
+    seconds = state.settings.export_download_redirect_seconds
     if seconds:
         url = storage.presigned_get(
             file.key, expires_seconds=seconds, filename=file.name, content_type=file.content_type
@@ -321,12 +276,17 @@ def _file_of(request: Request, job: ExportJob) -> _File:
     return file
 
 
-def _authorize_download(request: Request) -> _File:
-    """Check the link and the caller, and append the attempt to the audit trail either way."""
-    app = request.app
+#: Refusals of a download link that a browser sees on the export's page, with a fresh link.
+LANDED = (LinkExpired, FileExpired, BadSignature)
+
+
+def _authorize_download(request: Request) -> _File | Response:
+    """Check the link and the caller, and append the attempt to the audit trail either way; a
+    browser with a link it cannot use gets the export's page instead (same session)."""
+    state = api_state(request)
     export_id = request.path_params["export_id"]
     client_ip = client_address(request) if request.client else None
-    user_id = None
+    caller: Caller | None = None
 
     def audit(
         session: Session, outcome: downloads.DownloadOutcome, file: _File | None = None
@@ -334,7 +294,7 @@ def _authorize_download(request: Request) -> _File:
         downloads.record(
             session,
             export_id=export_id,
-            user_id=user_id,
+            user_id=caller.user.id if caller else None,
             outcome=outcome,
             client_ip=client_ip,
             byte_range=file.range.spec if file and file.range else None,
@@ -342,13 +302,12 @@ def _authorize_download(request: Request) -> _File:
         )
         session.commit()
 
-    with app.state.sessions() as session:
+    with state.sessions() as session:
         try:
             caller = require_caller(request, session)
-            user_id = caller.user.id
             job, _ = downloads.authorize(
                 session,
-                keys=SigningKeys.from_settings(app.state.settings),
+                keys=SigningKeys.from_settings(state.settings),
                 export_id=export_id,
                 user=caller.user,
                 expires=request.query_params.get("expires", ""),
@@ -356,6 +315,8 @@ def _authorize_download(request: Request) -> _File:
             )
         except OrdersExportError as exc:
             audit(session, downloads.outcome_of(exc))
+            if isinstance(exc, LANDED) and caller is not None and wants_html(request):
+                return exportviews.landing(request, session, caller, exc)
             raise
         try:
             file = _file_of(request, job)
@@ -373,10 +334,8 @@ async def download(request: Request) -> Response:
         if wants_html(request):
             return login_redirect(request)
         raise
-    except (LinkExpired, FileExpired, BadSignature) as exc:
-        if wants_html(request):  # a browser lands on the export's page, with a fresh link
-            return await run_in_threadpool(exportviews.landing, request, exc)
-        raise
+    if isinstance(file, Response):
+        return file
     headers = {
         "Cache-Control": "no-store",
         "Referrer-Policy": "no-referrer",
@@ -400,6 +359,6 @@ async def download(request: Request) -> Response:
         headers["Content-Range"] = file.range.content_range
     headers["Content-Length"] = str(file.size if length is None else length)
     chunks: Iterator[bytes] = await run_in_threadpool(
-        functools.partial(storage_of(request.app).open, file.key, offset=offset, length=length)
+        functools.partial(api_state(request).storage.open, file.key, offset=offset, length=length)
     )
     return StreamingResponse(chunks, status, media_type=file.content_type, headers=headers)

@@ -2,8 +2,8 @@
 
 The templates render the API's ``<Export>`` objects (``shared.exports.to_json``); the panel is
 drawn on the server only. While work is in flight ``static/exports.js`` polls the panel's HTML
-fragment (:func:`panel_fragment`) and swaps the items that changed; the few words it says itself
-are handed to it as JSON (:attr:`ExportUi.config`).
+fragment (:func:`account_items`, :func:`export_items`) and swaps the items that changed; the few
+words it says itself are handed to it as JSON (:attr:`ExportUi.config`).
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from sqlalchemy.orm import Session
 from starlette.requests import Request
 from starlette.responses import Response
 
-from services.api.auth import Caller, csrf_token, identify
+from services.api.auth import Caller, csrf_token
 from services.api.clients import public_origin
 from services.api.errors import status_for
+from services.api.state import api_state
 from shared import downloads, export_options, exports, failures, support
-from shared.errors import NotFound, OrdersExportError, Unauthenticated
+from shared.errors import NotFound, OrdersExportError
 from shared.filters import DEFAULT_SORT, SORT_LABELS, OrderFilters, from_snapshot
 from shared.formatting import duration, file_size, local_time
 from shared.models import Account, ExportJob, Role
@@ -235,30 +236,34 @@ def _next_within(request: Request, prefix: str) -> str:
     return wanted if wanted.startswith(prefix) and not wanted.startswith("//") else prefix
 
 
-def panel_fragment(
-    request: Request, caller: Caller, *, slug: str | None = None, export_id: str | None = None
+def account_items(request: Request, session: Session, caller: Caller, slug: str) -> Response:
+    """The list items of the account's Exports panel, as HTML: what the script swaps in. Only
+    admins of the account see them (404 / 403 otherwise)."""
+    account, found = exports.list_for_account(session, slug, caller.user, limit=PANEL_SIZE)
+    items = [export_json(request, job, account, caller) for job in found]
+    return _items(request, account, items, back=f"/accounts/{account.slug}/orders")
+
+
+def export_items(request: Request, session: Session, caller: Caller, export_id: str) -> Response:
+    """The export's item on its own page, as HTML (404 unless the caller is an admin of its
+    account)."""
+    job, account = exports.get_for_admin(session, export_id, caller.user)
+    items = [export_json(request, job, account, caller)]
+    return _items(request, account, items, back=f"/exports/{job.id}")
+
+
+def _items(
+    request: Request, account: Account, items: list[dict[str, Any]], *, back: str
 ) -> Response:
-    """The list items of the account's Exports panel (``slug``) or of one export's page, as HTML:
-    what the script swaps in. Only admins of the account see them (404 / 403 otherwise)."""
-    with request.app.state.sessions() as session:
-        if export_id is not None:
-            job, account = exports.get_for_admin(session, export_id, caller.user)
-            items = [_to_json(request, job, account, caller)]
-            back = _next_within(request, f"/exports/{job.id}")
-        else:
-            assert slug is not None
-            account, found = exports.list_for_account(session, slug, caller.user, limit=PANEL_SIZE)
-            items = [_to_json(request, job, account, caller) for job in found]
-            back = _next_within(request, f"/accounts/{account.slug}/orders")
+    state = api_state(request)
     ui = ExportUi(
         csrf=csrf_token(request),
         timezone=account.timezone,
-        next=back,
-        enabled=request.app.state.flags.get("exports_enabled"),
+        next=_next_within(request, back),
+        enabled=state.flags.get("exports_enabled"),
         poll_url=str(request.url),
     )
-    templates = request.app.state.templates
-    return templates.TemplateResponse(  # type: ignore[no-any-return]
+    return state.templates.TemplateResponse(
         request,
         "_export_items.html",
         {"exports": items, "ui": ui},
@@ -270,11 +275,14 @@ def current_path(request: Request) -> str:
     return request.url.path + (f"?{request.url.query}" if request.url.query else "")
 
 
-def _to_json(request: Request, job: ExportJob, account: Account, caller: Caller) -> dict[str, Any]:
+def export_json(
+    request: Request, job: ExportJob, account: Account, caller: Caller
+) -> dict[str, Any]:
+    """The API's ``<Export>`` of ``job`` as ``caller`` sees it (links signed for them)."""
     return exports.to_json(
         job,
         account=account,
-        settings=request.app.state.settings,
+        settings=api_state(request).settings,
         viewer=caller.user,
         base_url=public_origin(request),
     )
@@ -292,11 +300,11 @@ def panel_context(
 
     ``filters`` are the APPLIED filters (what the table shows): the button exports those.
     """
-    enabled = request.app.state.flags.get("exports_enabled")
+    enabled = api_state(request).flags.get("exports_enabled")
     items: list[dict[str, Any]] = []
     if role is Role.ADMIN:
         _, found = exports.list_for_account(session, account.slug, caller.user, limit=PANEL_SIZE)
-        items = [_to_json(request, job, account, caller) for job in found]
+        items = [export_json(request, job, account, caller) for job in found]
     ui = ExportUi(
         csrf=csrf_token(request),
         timezone=account.timezone,
@@ -319,6 +327,7 @@ def panel_context(
 
 def export_page(
     request: Request,
+    session: Session,
     caller: Caller,
     export_id: str,
     *,
@@ -330,15 +339,15 @@ def export_page(
 
     ``confirm_delete`` shows the confirmation step of Delete file (the no-JavaScript way).
     """
-    with request.app.state.sessions() as session:
-        job, account = exports.get_for_admin(session, export_id, caller.user)
-        export = _to_json(request, job, account, caller)
-        recent = downloads.recent(session, job.id, limit=PAGE_DOWNLOADS)
+    state = api_state(request)
+    job, account = exports.get_for_admin(session, export_id, caller.user)
+    export = export_json(request, job, account, caller)
+    recent = downloads.recent(session, job.id, limit=PAGE_DOWNLOADS)
     ui = ExportUi(
         csrf=csrf_token(request),
         timezone=account.timezone,
         next=f"/exports/{export['id']}",
-        enabled=request.app.state.flags.get("exports_enabled"),
+        enabled=state.flags.get("exports_enabled"),
         poll_url=panel_url(f"/exports/{export['id']}/panel", f"/exports/{export['id']}"),
     )
     if notice is not None and export["state"] in LANDING_NEXT:
@@ -355,8 +364,7 @@ def export_page(
         "downloads": recent,
         "confirm_delete": confirm_delete and export["state"] == "ready",
     }
-    templates = request.app.state.templates
-    return templates.TemplateResponse(  # type: ignore[no-any-return]
+    return state.templates.TemplateResponse(
         request,
         "export.html",
         context,
@@ -365,15 +373,12 @@ def export_page(
     )
 
 
-def landing(request: Request, exc: OrdersExportError) -> Response:
+def landing(request: Request, session: Session, caller: Caller, exc: OrdersExportError) -> Response:
     """Where a browser lands with a download link it cannot use: the export's page, explained."""
-    with request.app.state.sessions() as session:
-        caller = identify(request, session)
-    if caller is None:  # the download checked the caller a moment ago
-        raise Unauthenticated("log in")
     try:
         return export_page(
             request,
+            session,
             caller,
             request.path_params["export_id"],
             notice=LANDING.get(exc.code, exc.message),

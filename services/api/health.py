@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from services.api.errors import error_body
+from services.api.state import api_state
 from shared.metrics import exposition_registry
 from shared.settings import Settings
 
@@ -23,7 +24,7 @@ async def healthz(request: Request) -> Response:
 
 def _check_database(request: Request) -> str | None:
     try:
-        with request.app.state.sessions() as session:
+        with api_state(request).sessions() as session:
             session.execute(text("SELECT 1"))
     except Exception as exc:  # any failure means "not ready"; the type is what we report
         return type(exc).__name__
@@ -45,9 +46,10 @@ async def metrics(request: Request) -> Response:
     workers sharing PROMETHEUS_MULTIPROC_DIR, every worker answers with the sum of all. With
     METRICS_PORT set they are served there instead (:class:`MetricsPort`), not on the public
     port."""
-    if request.app.state.settings.metrics_port:
+    settings = api_state(request).settings
+    if settings.metrics_port:
         return JSONResponse(error_body("not_found", "Not Found"), 404)
-    registry = exposition_registry(request.app.state.settings)
+    registry = exposition_registry(settings)
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from urllib.parse import urlsplit
 
 from starlette.concurrency import run_in_threadpool
@@ -13,13 +12,14 @@ from services.api.auth import (
     CSRF_FIELD,
     SESSION_ID_KEY,
     authenticated,
+    check_csrf,
     csrf_token,
-    require_caller,
     safe_next,
     start_session,
 )
 from services.api.clients import client_address
 from services.api.errors import redirect
+from services.api.state import api_state
 from shared.db import transaction
 from shared.errors import Forbidden, Overloaded, Unauthenticated
 from shared.identity import (
@@ -42,8 +42,7 @@ def _same_origin(request: Request) -> bool:
 
 
 async def login_form(request: Request) -> Response:
-    templates = request.app.state.templates
-    return templates.TemplateResponse(  # type: ignore[no-any-return]
+    return api_state(request).templates.TemplateResponse(
         request,
         "login.html",
         {
@@ -55,12 +54,12 @@ async def login_form(request: Request) -> Response:
 
 
 def _login(request: Request, email: str, password: str) -> tuple[User, str] | None:
-    settings = request.app.state.settings
-    checks: threading.BoundedSemaphore = request.app.state.password_checks
+    state = api_state(request)
+    settings, checks = state.settings, state.password_checks
     if not checks.acquire(blocking=False):  # never a pile-up of argon2 threads and memory
         raise Overloaded("too many logins at this moment; try again shortly", retry_after=1)
     try:
-        with request.app.state.sessions() as session, session.begin():
+        with state.sessions() as session, session.begin():
             reserve_login_check(
                 session,
                 email=email,
@@ -70,7 +69,7 @@ def _login(request: Request, email: str, password: str) -> tuple[User, str] | No
                 window_seconds=settings.login_throttle_window_seconds,
             )
         # Committed: the reservation counts for every concurrent attempt from here on.
-        with request.app.state.sessions() as session, session.begin():
+        with state.sessions() as session, session.begin():
             user = authenticate(session, email, password)
             if user is None:
                 return None
@@ -98,8 +97,7 @@ async def login(request: Request) -> Response:
                 {"error": {"code": "invalid_credentials", "message": "invalid email or password"}},
                 401,
             )
-        templates = request.app.state.templates
-        return templates.TemplateResponse(  # type: ignore[no-any-return]
+        return api_state(request).templates.TemplateResponse(
             request,
             "login.html",
             {
@@ -119,24 +117,20 @@ async def login(request: Request) -> Response:
     return redirect(target)
 
 
-def _check_logout(request: Request, submitted: str | None) -> None:
-    with request.app.state.sessions() as session:
-        require_caller(request, session, submitted_csrf=submitted)
-
-
 def _end_session(request: Request) -> None:
     sid = request.session.get(SESSION_ID_KEY)
     if isinstance(sid, str):
-        with transaction(request.app.state.sessions) as session:
+        with transaction(api_state(request).sessions) as session:
             end_web_session(session, sid)
 
 
 async def logout(request: Request) -> Response:
-    if await run_in_threadpool(authenticated, request) is None:  # before reading the form
+    caller = await run_in_threadpool(authenticated, request)  # before reading the form
+    if caller is None:
         raise Unauthenticated("log in or send a bearer token")
     form = await request.form()
     submitted = form.get(CSRF_FIELD)
-    await run_in_threadpool(_check_logout, request, str(submitted) if submitted else None)
+    check_csrf(request, caller, str(submitted) if submitted else None)
     await run_in_threadpool(_end_session, request)  # a copied cookie dies with it
     request.session.clear()
     return redirect("/login")

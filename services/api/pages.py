@@ -8,8 +8,10 @@ the API's: the same use cases in ``shared.exports`` decide.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from urllib.parse import quote
 
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 from starlette.requests import Request
@@ -19,12 +21,13 @@ from services.api import export_routes, exportviews
 from services.api.auth import (
     CSRF_FIELD,
     Caller,
-    identify,
-    login_redirect,
+    authenticated,
+    for_caller,
     require_caller,
     safe_next,
 )
 from services.api.errors import redirect
+from services.api.state import api_state
 from shared.errors import (
     Conflict,
     ExportsDisabled,
@@ -48,35 +51,38 @@ SHOWN_ON_PAGE: tuple[type[OrdersExportError], ...] = (
 )
 
 
-def _caller(request: Request) -> Caller | None:
-    with request.app.state.sessions() as session:
-        return identify(request, session)
+def _export_page(request: Request, *, confirm_delete: bool = False) -> Response:
+    export_id = request.path_params["export_id"]
+    return for_caller(
+        request,
+        lambda session, caller: exportviews.export_page(
+            request, session, caller, export_id, confirm_delete=confirm_delete
+        ),
+    )
 
 
 async def export_page(request: Request) -> Response:
     """``GET /exports/{id}``: the export, live; the target of the links in emails."""
-    caller = await run_in_threadpool(_caller, request)
-    if caller is None:
-        return login_redirect(request)
-    return await run_in_threadpool(
-        exportviews.export_page, request, caller, request.path_params["export_id"]
-    )
+    return await run_in_threadpool(_export_page, request)
 
 
-def _fragment(request: Request, **where: str) -> Response:
-    with request.app.state.sessions() as session:
+def _items(
+    request: Request, draw: Callable[[Request, Session, Caller, str], Response], key: str
+) -> Response:
+    """The items ``draw`` makes of the path parameter ``key``, for the caller (one session)."""
+    with api_state(request).sessions() as session:
         caller = require_caller(request, session)
-    return exportviews.panel_fragment(request, caller, **where)
+        return draw(request, session, caller, request.path_params[key])
 
 
 async def panel_items(request: Request) -> Response:
     """``GET /accounts/{slug}/exports/panel``: the Exports panel's items, as HTML."""
-    return await run_in_threadpool(_fragment, request, slug=request.path_params["slug"])
+    return await run_in_threadpool(_items, request, exportviews.account_items, "slug")
 
 
 async def export_items(request: Request) -> Response:
     """``GET /exports/{id}/panel``: the export's item on its own page, as HTML."""
-    return await run_in_threadpool(_fragment, request, export_id=request.path_params["export_id"])
+    return await run_in_threadpool(_items, request, exportviews.export_items, "export_id")
 
 
 def _submitted_csrf(form: FormData) -> str | None:
@@ -111,12 +117,13 @@ def _login_then(path: str) -> Response:
     return redirect(f"/login?next={quote(path, safe='')}")
 
 
-def _request_export(request: Request, form: FormData) -> Response:
+def _request_export(request: Request, caller: Caller, form: FormData) -> Response:
     slug = request.path_params["slug"]
     fields = filters_object(form)
     try:
         created = export_routes.create(
             request,
+            caller,
             {"filters": fields, "options": options_object(form)},
             None,
             submitted_csrf=_submitted_csrf(form),
@@ -140,20 +147,22 @@ def _request_export(request: Request, form: FormData) -> Response:
 
 async def request_export(request: Request) -> Response:
     """``POST /accounts/{slug}/exports``: the Export CSV button, with the applied filters."""
-    if await run_in_threadpool(_caller, request) is None:  # before reading the form
+    caller = await run_in_threadpool(authenticated, request)  # before reading the form
+    if caller is None:
         return _login_then(f"/accounts/{request.path_params['slug']}/orders")
     form = await request.form()
-    return await run_in_threadpool(_request_export, request, form)
+    return await run_in_threadpool(_request_export, request, caller, form)
 
 
-def _act(request: Request, action: str, form: FormData) -> Response:
+def _act(request: Request, caller: Caller | None, action: str, form: FormData) -> Response:
+    """The form's action; ``caller`` None: identified here (the form was read first)."""
     export_id = request.path_params["export_id"]
     target = form.get("next")
     back = safe_next(target if isinstance(target, str) else None)
     if back == "/":
         back = f"/exports/{export_id}"
     try:
-        export_routes.act(request, action, submitted_csrf=_submitted_csrf(form))
+        export_routes.act(request, action, caller=caller, submitted_csrf=_submitted_csrf(form))
     except Unauthenticated:
         return _login_then(back)
     except SHOWN_ON_PAGE as exc:
@@ -164,39 +173,31 @@ def _act(request: Request, action: str, form: FormData) -> Response:
     return redirect(back)
 
 
-async def retry_export(request: Request) -> Response:
-    """``POST /exports/{id}/retry``: Retry / Re-export, then back to where the button was."""
-    if await run_in_threadpool(_caller, request) is None:  # before reading the form
+async def _form_action(request: Request, action: str) -> Response:
+    caller = await run_in_threadpool(authenticated, request)  # before reading the form
+    if caller is None:
         return _login_then(f"/exports/{request.path_params['export_id']}")
     form = await request.form()
-    return await run_in_threadpool(_act, request, "retry", form)
+    return await run_in_threadpool(_act, request, caller, action, form)
+
+
+async def retry_export(request: Request) -> Response:
+    """``POST /exports/{id}/retry``: Retry / Re-export, then back to where the button was."""
+    return await _form_action(request, "retry")
 
 
 async def cancel_export(request: Request) -> Response:
     """``POST /exports/{id}/cancel``, then back to where the button was."""
-    if await run_in_threadpool(_caller, request) is None:  # before reading the form
-        return _login_then(f"/exports/{request.path_params['export_id']}")
-    form = await request.form()
-    return await run_in_threadpool(_act, request, "cancel", form)
+    return await _form_action(request, "cancel")
 
 
 async def confirm_delete_file(request: Request) -> Response:
     """``GET /exports/{id}/delete-file``: the export's page asking to confirm Delete file."""
-    caller = await run_in_threadpool(_caller, request)
-    if caller is None:
-        return login_redirect(request)
-    return await run_in_threadpool(
-        functools.partial(
-            exportviews.export_page,
-            request,
-            caller,
-            request.path_params["export_id"],
-            confirm_delete=True,
-        )
-    )
+    return await run_in_threadpool(functools.partial(_export_page, request, confirm_delete=True))
 
 
 async def delete_file(request: Request) -> Response:
-    """``POST /exports/{id}/delete-file``: the confirmed Delete file, then back to the page."""
+    """``POST /exports/{id}/delete-file``: the confirmed Delete file, then back to the page (the
+    form is read first: logged out meanwhile, its ``next`` is where the login leads back to)."""
     form = await request.form()
-    return await run_in_threadpool(_act, request, "delete_file", form)
+    return await run_in_threadpool(_act, request, None, "delete_file", form)

@@ -12,12 +12,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from services.api import exportviews
-from services.api.auth import Caller, csrf_token, identify, login_redirect, require_caller
+from services.api.auth import Caller, csrf_token, for_caller, require_caller
+from services.api.state import api_state
 from shared.access import account_for, accounts_of
 from shared.columns import COLUMNS, Kind
 from shared.errors import ValidationError
 from shared.filters import SORT_LABELS, SORTS, OrderFilters, parse_filters
-from shared.models import ORDER_CHANNELS, ORDER_STATUSES, Account, Role
+from shared.models import ORDER_CHANNELS, ORDER_STATUSES, Account
 from shared.report import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, ReportPage, column_headers, fetch_page
 
 #: Query parameters of the report that are not filters.
@@ -46,29 +47,22 @@ def parse_limit(values: list[str]) -> int:
     return int(text)
 
 
-def _report_in(
-    session: Session, caller: Caller, slug: str, raw: dict[str, list[str]]
-) -> tuple[Account, Role, OrderFilters, ReportPage]:
-    account, role = account_for(session, slug, caller.user)
+def _page(
+    session: Session, account: Account, raw: dict[str, list[str]]
+) -> tuple[OrderFilters, ReportPage]:
     filters = parse_filters(raw, ignore=PAGING_PARAMS)
     limit = parse_limit(raw.get("limit", []))
     page = fetch_page(session, account, filters, limit=limit, cursor=_last(raw, "cursor"))
-    return account, role, filters, page
-
-
-def _report(
-    request: Request, caller: Caller, slug: str, raw: dict[str, list[str]]
-) -> tuple[Account, Role, OrderFilters, ReportPage]:
-    with request.app.state.sessions() as session:
-        return _report_in(session, caller, slug, raw)
+    return filters, page
 
 
 def _api_page(request: Request, slug: str, raw: dict[str, list[str]]) -> ReportPage:
     """The caller and the page in one session and one thread hop: the report API is the host
     app's hottest path (one pool checkout per request, not two)."""
-    with request.app.state.sessions() as session:
+    with api_state(request).sessions() as session:
         caller = require_caller(request, session)
-        return _report_in(session, caller, slug, raw)[3]
+        account, _ = account_for(session, slug, caller.user)
+        return _page(session, account, raw)[1]
 
 
 async def orders_api(request: Request) -> Response:
@@ -89,14 +83,13 @@ def _page_query(pairs: list[tuple[str, str]], cursor: str | None) -> str:
 
 
 def _page_context(
-    request: Request, caller: Caller, slug: str, raw: dict[str, list[str]]
+    request: Request, session: Session, caller: Caller, slug: str, raw: dict[str, list[str]]
 ) -> tuple[dict[str, Any], int]:
+    account, role = account_for(session, slug, caller.user)
     try:
-        account, role, filters, page = _report(request, caller, slug, raw)
+        filters, page = _page(session, account, raw)
         error = None
     except ValidationError as exc:
-        with request.app.state.sessions() as session:
-            account, role = account_for(session, slug, caller.user)
         filters, page, error = OrderFilters(), None, exc
     context = {
         "account": account,
@@ -119,46 +112,43 @@ def _page_context(
         "sort_labels": SORT_LABELS,
         "csrf": csrf_token(request),
     }
-    with request.app.state.sessions() as session:  # the export button and the Exports panel
-        context.update(exportviews.panel_context(request, session, caller, account, role, filters))
+    # The export button and the Exports panel.
+    context.update(exportviews.panel_context(request, session, caller, account, role, filters))
     return context, 422 if error else 200
 
 
-def _html_caller(request: Request) -> Caller | None:
-    with request.app.state.sessions() as session:
-        return identify(request, session)
+def _orders_page(request: Request) -> Response:
+    """The caller, the page and the Exports panel in one session."""
+
+    def page(session: Session, caller: Caller) -> Response:
+        slug, raw = request.path_params["slug"], _raw_params(request)
+        context, status = _page_context(request, session, caller, slug, raw)
+        return api_state(request).templates.TemplateResponse(
+            request,
+            "orders.html",
+            context,
+            status_code=status,
+            headers={"Cache-Control": "no-store"},  # the Exports panel holds signed links
+        )
+
+    return for_caller(request, page)
 
 
 async def orders_page(request: Request) -> Response:
-    caller = await run_in_threadpool(_html_caller, request)
-    if caller is None:
-        return login_redirect(request)
-    context, status = await run_in_threadpool(
-        _page_context, request, caller, request.path_params["slug"], _raw_params(request)
-    )
-    templates = request.app.state.templates
-    return templates.TemplateResponse(  # type: ignore[no-any-return]
-        request,
-        "orders.html",
-        context,
-        status_code=status,
-        headers={"Cache-Control": "no-store"},  # the Exports panel holds signed links
-    )
+    return await run_in_threadpool(_orders_page, request)
 
 
-def _home(request: Request, caller: Caller) -> list[tuple[Account, Role]]:
-    with request.app.state.sessions() as session:
-        return accounts_of(session, caller.user)
+def _home(request: Request) -> Response:
+    def page(session: Session, caller: Caller) -> Response:
+        context = {
+            "user": caller.user,
+            "memberships": accounts_of(session, caller.user),
+            "csrf": csrf_token(request),
+        }
+        return api_state(request).templates.TemplateResponse(request, "home.html", context)
+
+    return for_caller(request, page)
 
 
 async def home(request: Request) -> Response:
-    caller = await run_in_threadpool(_html_caller, request)
-    if caller is None:
-        return login_redirect(request)
-    memberships = await run_in_threadpool(_home, request, caller)
-    templates = request.app.state.templates
-    return templates.TemplateResponse(  # type: ignore[no-any-return]
-        request,
-        "home.html",
-        {"user": caller.user, "memberships": memberships, "csrf": csrf_token(request)},
-    )
+    return await run_in_threadpool(_home, request)

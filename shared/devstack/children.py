@@ -177,3 +177,18 @@ class ChildProcess:
 
     def __repr__(self) -> str:
         return f"ChildProcess(name={self.name!r}, pid={self.pid}, running={self.running})"
+
+
+class RunsChild:
+    """A local server that is one child process: the child once started, stopped on request."""
+
+    _child: ChildProcess | None = None
+
+    @property
+    def child(self) -> ChildProcess | None:
+        """The running child process, if started."""
+        return self._child
+
+    def _stop_child(self) -> None:
+        if self._child is not None:
+            self._child.stop()

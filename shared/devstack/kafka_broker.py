@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 
 from shared.devstack.atomic import write_atomic
-from shared.devstack.children import ChildProcess, python_env
+from shared.devstack.children import ChildProcess, RunsChild, python_env
 
 #: How long the mock cluster may take to announce its address (seconds).
 ANNOUNCE_TIMEOUT = 30.0
@@ -103,19 +103,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return serve(ready_file=args.ready_file)
 
 
-class KafkaBroker:
+class KafkaBroker(RunsChild):
     """Starts ``python -m shared.devstack.kafka_broker`` as a child and waits for its address."""
 
     def __init__(self, *, ready_file: Path, pid_file: Path | None = None) -> None:
         self.ready_file = ready_file
         self.pid_file = pid_file
         self.bootstrap_servers: str | None = None
-        self._child: ChildProcess | None = None
-
-    @property
-    def child(self) -> ChildProcess | None:
-        """The running child process, if started."""
-        return self._child
 
     def start(self) -> str:
         """Start the broker; return its ``bootstrap.servers`` (``127.0.0.1:PORT``)."""
@@ -132,8 +126,7 @@ class KafkaBroker:
 
     def stop(self) -> None:
         """SIGTERM the broker and wait for it; its data is gone (in-memory)."""
-        if self._child is not None:
-            self._child.stop()
+        self._stop_child()
         self.ready_file.unlink(missing_ok=True)
 
 

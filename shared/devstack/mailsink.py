@@ -21,7 +21,7 @@ from types import FrameType
 from typing import Any
 
 from shared.devstack.atomic import write_atomic
-from shared.devstack.children import ChildProcess, python_env
+from shared.devstack.children import ChildProcess, RunsChild, python_env
 from shared.devstack.errors import ChildExitedError, DevStackError
 from shared.devstack.ports import LOOPBACK, free_port
 
@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return serve(port=args.port, directory=args.dir, ready_file=args.ready_file)
 
 
-class MailSink:
+class MailSink(RunsChild):
     """Starts ``python -m shared.devstack.mailsink`` as a child and waits until it listens."""
 
     def __init__(
@@ -108,12 +108,6 @@ class MailSink:
         self.pid_file = pid_file
         self.requested_port = port
         self.url: str | None = None
-        self._child: ChildProcess | None = None
-
-    @property
-    def child(self) -> ChildProcess | None:
-        """The running child process, if started."""
-        return self._child
 
     def start(self) -> str:
         """Start the sink; return its ``smtp://127.0.0.1:PORT`` URL."""
@@ -146,8 +140,7 @@ class MailSink:
 
     def stop(self) -> None:
         """SIGTERM the sink and wait for it; stored messages stay."""
-        if self._child is not None:
-            self._child.stop()
+        self._stop_child()
         self.ready_file.unlink(missing_ok=True)
 
 

@@ -12,7 +12,7 @@ import socket
 from functools import partial
 from pathlib import Path
 
-from shared.devstack.children import ChildProcess
+from shared.devstack.children import ChildProcess, RunsChild
 from shared.devstack.errors import ChildExitedError, DevStackError
 from shared.devstack.ports import LOOPBACK, free_port
 
@@ -49,7 +49,7 @@ def ping(host: str, port: int) -> bool:
         return False
 
 
-class EmbeddedRedis:
+class EmbeddedRedis(RunsChild):
     """A redis-server child process for one data directory."""
 
     def __init__(self, *, data_dir: Path, pid_file: Path | None = None, port: int = 0) -> None:
@@ -57,7 +57,6 @@ class EmbeddedRedis:
         self.pid_file = pid_file
         self.requested_port = port
         self.port: int | None = None
-        self._child: ChildProcess | None = None
 
     @property
     def url(self) -> str:
@@ -65,11 +64,6 @@ class EmbeddedRedis:
         if self.port is None:
             raise RuntimeError("EmbeddedRedis.start() has not been called")
         return f"redis://{LOOPBACK}:{self.port}/{DATABASE}"
-
-    @property
-    def child(self) -> ChildProcess | None:
-        """The running child process, if started."""
-        return self._child
 
     def start(self) -> str:
         """Start redis-server and wait until it answers PING; return :attr:`url`."""
@@ -108,5 +102,4 @@ class EmbeddedRedis:
 
     def stop(self) -> None:
         """SIGTERM redis-server (it flushes the append-only file) and wait for it."""
-        if self._child is not None:
-            self._child.stop()
+        self._stop_child()

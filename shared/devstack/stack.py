@@ -60,6 +60,17 @@ SMTP_URL = "SMTP_URL"
 STORAGE_URL = "STORAGE_URL"
 SECRET_KEY = "SECRET_KEY"  # noqa: S105 - the variable's name, not a secret
 PUBLIC_URL = "PUBLIC_URL"
+#: Variables that, when set, make ``dev`` join that server (or use that key or address) instead
+#: of starting or making its own.
+JOINED = (
+    DATABASE_URL,
+    REDIS_URL,
+    KAFKA_BOOTSTRAP_SERVERS,
+    STORAGE_URL,
+    SMTP_URL,
+    SECRET_KEY,
+    PUBLIC_URL,
+)
 METRICS_PORT = "METRICS_PORT"
 METRICS_HOST = "METRICS_HOST"
 PROMETHEUS_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"

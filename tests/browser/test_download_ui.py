@@ -8,20 +8,19 @@ import gzip
 import io
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import quote
 
 import httpx2
 import pytest
 from playwright.sync_api import Dialog, Page, expect
 
-from tests.e2e.harness import LiveStack, api_client, running
+from tests.support.browser import ADMIN, log_in
 from tests.support.reports import guarded, report_rows
+from tests.support.stack import LiveStack, running
 
 pytestmark = pytest.mark.browser
 
 #: Orders of the demo account; the exports below select a few hundred to a few thousand.
 ORDERS = 5_000
-ADMIN = ("admin@acme.test", "admin-password")
 
 
 @pytest.fixture(scope="module")
@@ -30,24 +29,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     yield from running(live)
 
 
-@pytest.fixture(scope="module")
-def api(stack: LiveStack) -> Iterator[httpx2.Client]:
-    yield from api_client(stack)
-
-
-def log_in(page: Page, stack: LiveStack, path: str) -> None:
-    page.goto(f"{stack.api_url}{path}")
-    expect(page).to_have_url(f"{stack.api_url}/login?next={quote(path, safe='')}")
-    page.get_by_label("Email").fill(ADMIN[0])
-    page.get_by_label("Password").fill(ADMIN[1])
-    page.get_by_role("button", name="Log in").click()
-    expect(page).to_have_url(f"{stack.api_url}{path}")
-
-
 def test_both_options_give_a_gzipped_excel_friendly_file_of_the_report(
     page: Page, stack: LiveStack, api: httpx2.Client
 ) -> None:
-    log_in(page, stack, "/accounts/acme/orders?status=refunded&sort=number")
+    log_in(page, stack, ADMIN, "/accounts/acme/orders?status=refunded&sort=number")
     # Given the admin ticks both options next to Export CSV
     page.get_by_label("Excel-friendly (UTF-8 BOM)").check()
     page.get_by_label("Compress (.csv.gz)").check()
@@ -81,7 +66,7 @@ def test_an_admin_deletes_a_ready_export_from_its_page(
     )
     assert created.status_code == 201
     export_id = created.json()["export"]["id"]
-    log_in(page, stack, f"/exports/{export_id}")
+    log_in(page, stack, ADMIN, f"/exports/{export_id}")
     item = page.locator(f"#export-{export_id}")
     expect(item).to_have_attribute("data-state", "ready")
     # When the admin clicks Delete file, is asked to confirm, and confirms
@@ -117,7 +102,7 @@ def test_dismissing_the_confirmation_keeps_the_file(
         "/api/v1/accounts/acme/order-exports", json={"filters": {"channel": ["phone"]}}
     )
     export_id = created.json()["export"]["id"]
-    log_in(page, stack, f"/exports/{export_id}")
+    log_in(page, stack, ADMIN, f"/exports/{export_id}")
     page.once("dialog", lambda dialog: dialog.dismiss())
     page.locator(f"#export-{export_id}").get_by_role("link", name="Delete file").click()
     expect(page.locator(f"#export-{export_id}")).to_have_attribute("data-state", "ready")

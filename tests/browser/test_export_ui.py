@@ -9,7 +9,6 @@ import datetime as dt
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import quote
 
 import httpx2
 import pytest
@@ -18,8 +17,9 @@ from playwright.sync_api import Locator, Page, Route, expect
 from shared.db import make_engine, make_sessionmaker, transaction
 from shared.flags import CACHE_SECONDS, set_flag
 from shared.signing import SigningKeys, download_path
-from tests.e2e.harness import LiveStack, api_client, running
+from tests.support.browser import ADMIN, MEMBER, log_in
 from tests.support.reports import guarded, report_rows
+from tests.support.stack import LiveStack, running
 
 pytestmark = pytest.mark.browser
 
@@ -27,8 +27,6 @@ pytestmark = pytest.mark.browser
 ORDERS = 30_000
 #: ~1.5 MB/s: a 27,000-row export runs about two seconds, long enough to watch it run.
 STACK_ENV = {"EXPORT_MAX_BYTES_PER_SECOND": "1500000"}
-ADMIN = ("admin@acme.test", "admin-password")
-MEMBER = ("member@acme.test", "member-password")
 #: Longest wait for an export to change state (milliseconds).
 STATE_TIMEOUT_MS = 60_000
 
@@ -37,20 +35,6 @@ STATE_TIMEOUT_MS = 60_000
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     live = LiveStack(Path(tmp_path_factory.mktemp("browser-stack")), orders=ORDERS, env=STACK_ENV)
     yield from running(live)
-
-
-@pytest.fixture(scope="module")
-def api(stack: LiveStack) -> Iterator[httpx2.Client]:
-    yield from api_client(stack)
-
-
-def log_in(page: Page, stack: LiveStack, who: tuple[str, str], path: str) -> None:
-    page.goto(f"{stack.api_url}{path}")  # not logged in: the login form, then back here
-    expect(page).to_have_url(f"{stack.api_url}/login?next={quote(path, safe='')}")
-    page.get_by_label("Email").fill(who[0])
-    page.get_by_label("Password").fill(who[1])
-    page.get_by_role("button", name="Log in").click()
-    expect(page).to_have_url(f"{stack.api_url}{path}")
 
 
 def mark_window(page: Page) -> None:

@@ -19,19 +19,11 @@ import psutil
 import psycopg
 import pytest
 
+from shared.devstack.stack import JOINED
+
 pytestmark = pytest.mark.e2e
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-#: Variables that would make ``dev`` join an outside server instead of starting its own.
-STACK_VARIABLES = (
-    "DATABASE_URL",
-    "REDIS_URL",
-    "KAFKA_BOOTSTRAP_SERVERS",
-    "STORAGE_URL",
-    "SMTP_URL",
-    "SECRET_KEY",
-    "PUBLIC_URL",
-)
 #: How long ``dev`` may take to print its ready line (seconds).
 READY_TIMEOUT = 90.0
 #: How long ``dev`` may take to stop after SIGTERM (seconds).
@@ -47,7 +39,7 @@ def cli(*args: str) -> list[str]:
 
 def clean_env() -> dict[str, str]:
     """Our environment without any stack variable, with this tree importable."""
-    env = {name: value for name, value in os.environ.items() if name not in STACK_VARIABLES}
+    env = {name: value for name, value in os.environ.items() if name not in JOINED}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return env
 
@@ -145,7 +137,7 @@ def read_stack(data_dir: Path) -> tuple[str, dict[str, str]]:
     stack = json.loads((data_dir / "stack.json").read_text())
     assert set(stack) >= {"api_url", "mail_dir", "env"}
     assert Path(stack["mail_dir"]).is_absolute() and Path(stack["mail_dir"]).is_dir()
-    assert set(stack["env"]) >= set(STACK_VARIABLES)
+    assert set(stack["env"]) >= set(JOINED)
     return stack["api_url"], stack["env"]
 
 

@@ -15,8 +15,10 @@ import boto3
 import httpx2
 import pytest
 
-from tests.e2e.harness import S3_KEYS, LiveStack, api_client, body_text, link_in, running, wait_for
+from tests.support.exports import export_of, request_export, wait_state
 from tests.support.reports import guarded, report_rows
+from tests.support.stack import S3_KEYS, LiveStack, body_text, link_in, running
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -32,31 +34,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     yield from running(live)
 
 
-@pytest.fixture(scope="module")
-def api(stack: LiveStack) -> Iterator[httpx2.Client]:
-    yield from api_client(stack)
-
-
-def request_export(api: httpx2.Client, filters: dict[str, Any]) -> dict[str, Any]:
+def request_quickly(api: httpx2.Client, filters: dict[str, Any]) -> dict[str, Any]:
+    """A background export: the request never waits for the export."""
     started = time.monotonic()
-    response = api.post("/api/v1/accounts/acme/order-exports", json={"filters": filters})
-    assert response.status_code == 202, response.text
-    assert time.monotonic() - started < 2.0  # the request never waits for the export
-    return response.json()["export"]  # type: ignore[no-any-return]
-
-
-def export_of(api: httpx2.Client, export_id: str) -> dict[str, Any]:
-    return api.get(f"/api/v1/order-exports/{export_id}").json()["export"]  # type: ignore[no-any-return]
-
-
-def wait_state(
-    api: httpx2.Client, export_id: str, state: str, timeout: float = 60
-) -> dict[str, Any]:
-    return wait_for(  # type: ignore[no-any-return]
-        lambda: (e := export_of(api, export_id))["state"] == state and e,
-        timeout=timeout,
-        what=f"{export_id} {state}",
-    )
+    export = request_export(api, filters)
+    assert time.monotonic() - started < 2.0
+    return export
 
 
 def objects_under(stack: LiveStack, export_id: str) -> list[str]:
@@ -73,7 +56,7 @@ def test_admin_export_runs_in_background_emails_and_downloads(
 ) -> None:
     filters = {"channel": ["web", "pos", "marketplace"], "sort": "number"}
     # Given an admin asks for ~50,000 filtered orders
-    export = request_export(api, filters)
+    export = request_quickly(api, filters)
     assert export["state"] == "queued" and export["filters"]["channel"] == [
         "web",
         "pos",
@@ -112,7 +95,7 @@ def test_admin_export_runs_in_background_emails_and_downloads(
 def test_worker_killed_mid_export_is_rescued_and_completes_once(
     stack: LiveStack, api: httpx2.Client
 ) -> None:
-    export = request_export(api, {"status": ["paid", "fulfilled"]})
+    export = request_quickly(api, {"status": ["paid", "fulfilled"]})
 
     def started() -> dict[str, Any] | None:
         current = export_of(api, export["id"])
@@ -152,7 +135,7 @@ def test_storage_outage_fails_visibly_emails_once_and_retry_succeeds(
 ) -> None:
     stack.stop_s3()
     try:
-        export = request_export(api, {"status": ["paid"], "sort": "-total"})
+        export = request_quickly(api, {"status": ["paid"], "sort": "-total"})
         failed = wait_state(api, export["id"], "failed", timeout=90)
     finally:
         stack.start_s3()

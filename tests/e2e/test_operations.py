@@ -27,7 +27,9 @@ from shared.devstack.ports import free_port
 from shared.identity import create_token, ensure_account, set_membership, upsert_user
 from shared.models import Role
 from shared.signing import SigningKeys, download_path
-from tests.e2e.harness import LiveStack, api_client, running, wait_for
+from tests.support.exports import export_of, exports_url, request_export, wait_state
+from tests.support.stack import LiveStack, api_client, running
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -72,25 +74,11 @@ def flags(stack: LiveStack, *args: str) -> str:
 
 
 def request(api: httpx2.Client, filters: dict[str, Any]) -> httpx2.Response:
-    return api.post("/api/v1/accounts/acme/order-exports", json={"filters": filters})
-
-
-def export_of(api: httpx2.Client, export_id: str) -> dict[str, Any]:
-    return api.get(f"/api/v1/order-exports/{export_id}").json()["export"]  # type: ignore[no-any-return]
-
-
-def wait_state(api: httpx2.Client, export_id: str, state: str, timeout: float = 60) -> Any:
-    return wait_for(
-        lambda: (e := export_of(api, export_id))["state"] == state and e,
-        timeout=timeout,
-        what=f"export {export_id} {state}",
-    )
+    return api.post(exports_url(), json={"filters": filters})
 
 
 def ready_export(api: httpx2.Client, filters: dict[str, Any]) -> dict[str, Any]:
-    response = request(api, filters)
-    assert response.status_code == 202, response.text
-    return wait_state(api, response.json()["export"]["id"], "ready")  # type: ignore[no-any-return]
+    return wait_state(api, request_export(api, filters)["id"], "ready", timeout=60)
 
 
 def scrape(url: str) -> str:

@@ -14,7 +14,9 @@ from typing import Any
 import httpx2
 import pytest
 
-from tests.e2e.harness import LiveStack, api_client, wait_for
+from tests.support.exports import request_export, wait_state
+from tests.support.stack import LiveStack
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -32,11 +34,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
         yield live
     finally:
         live.stop()
-
-
-@pytest.fixture(scope="module")
-def api(stack: LiveStack) -> Iterator[httpx2.Client]:
-    yield from api_client(stack)
 
 
 def _serves(url: str) -> bool:
@@ -62,20 +59,14 @@ def show(stack: LiveStack, export_id: str) -> dict[str, Any]:
     return json.loads(result.stdout)  # type: ignore[no-any-return]
 
 
-def state_of(api: httpx2.Client, export_id: str) -> str:
-    return api.get(f"/api/v1/order-exports/{export_id}").json()["export"]["state"]  # type: ignore[no-any-return]
-
-
 def test_failed_export_is_diagnosed_retried_by_support_and_ready(
     stack: LiveStack, api: httpx2.Client
 ) -> None:
     # Given object storage is down while an admin's background export runs
     stack.stop_s3()
     try:
-        response = api.post("/api/v1/accounts/acme/order-exports", json={"filters": {}})
-        assert response.status_code == 202, response.text
-        export_id = response.json()["export"]["id"]
-        wait_for(lambda: state_of(api, export_id) == "failed", timeout=90, what="the failure")
+        export_id = request_export(api, {})["id"]
+        wait_state(api, export_id, "failed")
     finally:
         stack.start_s3()
     # When support looks at it (once the relay has published its events)
@@ -101,7 +92,7 @@ def test_failed_export_is_diagnosed_retried_by_support_and_ready(
     assert retried.returncode == 0, retried.stderr
     assert retried.stdout.strip() == f"export {export_id}: failed -> queued (by support:oncall)"
     # Then the workers make it ready, and the history says who retried it
-    wait_for(lambda: state_of(api, export_id) == "ready", timeout=90, what="the retried export")
+    wait_state(api, export_id, "ready")
     after = show(stack, export_id)
     assert after["verdict"]["verdict"] == "fine"
     assert after["export"]["file"]["size_bytes"] > 0 and after["export"]["row_count"] == ORDERS

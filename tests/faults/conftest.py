@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx2
 import pytest
 
 from shared.db import make_engine, make_sessionmaker, transaction
@@ -17,8 +16,8 @@ from shared.identity import ensure_account, find_user, set_membership
 from shared.models import Role
 from shared.seeding import DEMO_ADMIN, seed_orders
 from shared.storage import storage_from_url
-from tests.e2e.harness import LiveStack, api_client
 from tests.faults.support import S3FaultProxy
+from tests.support.stack import LiveStack
 
 #: Orders of the demo account: a full export is ~60,000 rows, ~8 MB (a two-part upload).
 ORDERS = 60_000
@@ -76,8 +75,3 @@ def stack(proxy_and_stack: tuple[S3FaultProxy, LiveStack]) -> LiveStack:
 @pytest.fixture(scope="package")
 def s3_proxy(proxy_and_stack: tuple[S3FaultProxy, LiveStack]) -> S3FaultProxy:
     return proxy_and_stack[0]
-
-
-@pytest.fixture(scope="package")
-def api(stack: LiveStack) -> Iterator[httpx2.Client]:
-    yield from api_client(stack)

@@ -30,7 +30,9 @@ from shared.db import make_engine, make_sessionmaker
 from shared.events import TOPIC_LIFECYCLE, TOPIC_REQUESTED
 from shared.filters import from_snapshot
 from shared.models import Account
-from tests.e2e.harness import S3_KEYS, LiveStack, link_in, wait_for
+from tests.support.exports import export_of
+from tests.support.stack import S3_KEYS, LiveStack, link_in
+from tests.support.waiting import wait_for
 
 #: Consumer groups of the worker's Kafka bridge and of the notifier, and what they read.
 GROUPS = {"orders-export-worker": TOPIC_REQUESTED, "orders-export-notifier": TOPIC_LIFECYCLE}
@@ -441,11 +443,12 @@ def restart_services(stack: LiveStack, *names: str) -> None:
 
 
 @contextlib.contextmanager
-def worker_settings(stack: LiveStack, **settings: str) -> Iterator[None]:
-    """Run the worker with changed settings (a config change plus a restart), then restore."""
+def service_settings(stack: LiveStack, service: str, **settings: str) -> Iterator[None]:
+    """Run ``service`` with changed settings (a config change plus a restart), then restore
+    them and restart it again. Processes started meanwhile from ``stack.env`` get them too."""
     saved = {name: stack.env.get(name) for name in settings}
     stack.env.update(settings)
-    stack.restart_service("worker")
+    stack.restart_service(service)
     try:
         yield
     finally:
@@ -454,7 +457,7 @@ def worker_settings(stack: LiveStack, **settings: str) -> Iterator[None]:
                 stack.env.pop(name, None)
             else:
                 stack.env[name] = value
-        stack.restart_service("worker")
+        stack.restart_service(service)
 
 
 def metrics(stack: LiveStack, service: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -484,42 +487,6 @@ def metric(
 
 
 # -- exports and their final state ----------------------------------------------------------------
-
-
-def request_export(api: httpx2.Client, filters: dict[str, Any], slug: str = "acme") -> str:
-    response = api.post(f"/api/v1/accounts/{slug}/order-exports", json={"filters": filters})
-    assert response.status_code == 202, response.text
-    return str(response.json()["export"]["id"])
-
-
-def export_of(api: httpx2.Client, export_id: str) -> dict[str, Any]:
-    response = api.get(f"/api/v1/order-exports/{export_id}")
-    assert response.status_code == 200, response.text
-    return response.json()["export"]  # type: ignore[no-any-return]
-
-
-def wait_state(
-    api: httpx2.Client, export_id: str, *states: str, timeout: float = 90
-) -> dict[str, Any]:
-    return wait_for(  # type: ignore[no-any-return]
-        lambda: (e := export_of(api, export_id))["state"] in states and e,
-        timeout=timeout,
-        what=f"export {export_id} to be {'/'.join(states)}",
-        interval=0.2,
-    )
-
-
-def wait_running(api: httpx2.Client, export_id: str, *, rows: int = 1) -> dict[str, Any]:
-    """Until the export runs and has streamed at least ``rows`` rows."""
-    return wait_for(  # type: ignore[no-any-return]
-        lambda: (
-            (e := export_of(api, export_id))["state"] == "running"
-            and e["progress"]["rows_written"] >= rows
-            and e
-        ),
-        timeout=60,
-        what=f"export {export_id} to be running past {rows} rows",
-    )
 
 
 def history(stack: LiveStack, export_id: str) -> list[tuple[str | None, str, str, str | None]]:

@@ -19,7 +19,7 @@ from shared.devstack.ports import free_port
 from shared.identity import ensure_account, upsert_user
 from shared.models import ExportJob, ExportState
 from shared.runner import Result, RunOutcome
-from tests.integration.exportdata import make_job
+from tests.support.jobs import make_job
 
 
 class BusyRunner:

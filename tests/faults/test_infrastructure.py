@@ -11,22 +11,20 @@ from typing import Any
 import httpx2
 import pytest
 
-from tests.e2e.harness import LiveStack, wait_for
 from tests.faults.support import (
     S3FaultProxy,
     abort_incomplete_upload_days,
     assert_ready_once,
     dramatiq_backlog,
     events,
-    export_of,
     metric,
     metrics,
-    request_export,
     restart_services,
     settle,
-    wait_running,
-    wait_state,
 )
+from tests.support.exports import export_of, request_export, wait_running, wait_state
+from tests.support.stack import LiveStack
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -43,7 +41,7 @@ def test_broker_down_at_request_time_the_export_completes_when_it_is_back(
     # (Runs first in this package: a new in-memory broker starts with empty topics.)
     stack.stop_broker()
     # Given the Kafka-protocol broker is unreachable, the request still succeeds at once
-    export_id = request_export(api, {"channel": ["web"], "q": "example"})
+    export_id = request_export(api, {"channel": ["web"], "q": "example"})["id"]
     # and the relay keeps the event, recording its failed deliveries
     wait_for(
         lambda: (
@@ -74,7 +72,7 @@ def test_database_connection_killed_mid_copy_is_retried_and_ready_once(
 ) -> None:
     before = metrics(stack, "worker")
     # Given an export streaming out of PostgreSQL (~5 MB, about three seconds)
-    export_id = request_export(api, {"channel": ["web", "pos"], "sort": "number"})
+    export_id = request_export(api, {"channel": ["web", "pos"], "sort": "number"})["id"]
     wait_running(api, export_id, rows=1000)
     # When its COPY connection is terminated on the server
     killed = stack.sql(
@@ -115,7 +113,7 @@ def test_storage_failing_mid_multipart_upload_is_aborted_retried_and_ready_once(
     before = metrics(stack, "worker")
     # Given a ~7 MB export (two upload parts) whose upload breaks after part 1 is stored:
     # "errors" answers HTTP 500 to the part uploads, "unreachable" drops every request
-    export_id = request_export(api, {"sort": "-number" if mode == "errors" else "placed_at"})
+    export_id = request_export(api, {"sort": "-number" if mode == "errors" else "placed_at"})["id"]
     s3_proxy.arm(mode, export_id)
     try:
         # Then the attempt fails as retryable and goes back to the queue (for half a second)
@@ -174,7 +172,7 @@ def test_redis_restarted_while_exports_run_and_wait_for_a_worker(
     # Given three ~25,000-row exports of three accounts: two run (two worker threads), one
     # waits for a free thread
     ids = [
-        request_export(api, {"placed_from": "2025-03-01", "placed_to": "2025-12-31"}, slug)
+        request_export(api, {"placed_from": "2025-03-01", "placed_to": "2025-12-31"}, slug)["id"]
         for slug in ("acme", "beta", "gamma")
     ]
     wait_for(
@@ -200,7 +198,7 @@ def test_redis_restarted_empty_lost_work_is_sent_again(
     # Given three exports of one account: one runs, two wait their turn (one running export
     # per account) with their work messages in Dramatiq's delay queue
     ids = [
-        request_export(api, {"placed_from": f"2026-{a}", "placed_to": f"2026-{b}"})
+        request_export(api, {"placed_from": f"2026-{a}", "placed_to": f"2026-{b}"})["id"]
         for a, b in (("01-01", "10-31"), ("03-01", "12-31"), ("02-01", "11-30"))
     ]
     wait_for(
@@ -236,7 +234,8 @@ def test_smtp_down_when_the_export_is_ready_sends_one_email_once_it_is_back(
     port = int(stack.env["SMTP_URL"].rsplit(":", 1)[1])
     stack.mail.stop()
     try:
-        export_id = request_export(api, {"placed_from": "2025-07-01", "placed_to": "2025-12-31"})
+        second_half = {"placed_from": "2025-07-01", "placed_to": "2025-12-31"}
+        export_id = request_export(api, second_half)["id"]
         wait_state(api, export_id, "ready")
 
         def delivery_failed() -> Any:

@@ -12,24 +12,21 @@ import pytest
 
 from services.worker.main import HAND_BACK_SECONDS
 from shared.settings import Settings
-from tests.e2e.harness import LiveStack, body_text
 from tests.faults.support import (
     abort_incomplete_upload_days,
     assert_ready_once,
     events,
-    export_of,
     history,
     metric,
     metrics,
     objects_of,
     poll_until,
-    request_export,
+    service_settings,
     settle,
     uploads_of,
-    wait_running,
-    wait_state,
-    worker_settings,
 )
+from tests.support.exports import export_of, request_export, wait_running, wait_state
+from tests.support.stack import LiveStack, body_text
 
 pytestmark = pytest.mark.e2e
 
@@ -38,7 +35,7 @@ def test_worker_killed_mid_upload_is_rescued_and_the_export_completes_once(
     stack: LiveStack, api: httpx2.Client
 ) -> None:
     # Given a ~8 MB export whose multipart upload has begun (part 1 is on its way or stored)
-    export_id = request_export(api, {"sort": "number"})
+    export_id = request_export(api, {"sort": "number"})["id"]
     poll_until(
         lambda: uploads_of(stack, export_id) and export_of(api, export_id)["state"] == "running",
         timeout=60,
@@ -71,7 +68,7 @@ def test_worker_stopped_with_sigterm_finishes_or_hands_back_its_export(
     stack: LiveStack, api: httpx2.Client
 ) -> None:
     # Given an export that is running (~7 MB, about four seconds of streaming)
-    export_id = request_export(api, {"sort": "-total"})
+    export_id = request_export(api, {"sort": "-total"})["id"]
     wait_running(api, export_id)
     # When the worker is asked to stop (a deploy): running exports get the shutdown grace, so
     # the export either finishes or is handed back (or, SIGKILLed by the harness, rescued)
@@ -114,9 +111,9 @@ def test_export_beyond_the_statement_timeout_fails_cleanly_with_a_fixable_messag
     stack: LiveStack, api: httpx2.Client
 ) -> None:
     # Given workers whose export query may run for one second only
-    with worker_settings(stack, EXPORT_STATEMENT_TIMEOUT_SECONDS="1"):
+    with service_settings(stack, "worker", EXPORT_STATEMENT_TIMEOUT_SECONDS="1"):
         # When an export needs longer (~4 MB at ~2 MB/s)
-        export_id = request_export(api, {"channel": ["web"], "sort": "placed_at"})
+        export_id = request_export(api, {"channel": ["web"], "sort": "placed_at"})["id"]
         failed = wait_state(api, export_id, "failed", "ready")
         settle(stack)
         samples = metrics(stack, "worker")

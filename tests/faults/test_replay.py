@@ -14,7 +14,6 @@ import httpx2
 import pytest
 
 from shared.events import TOPIC_DEAD_LETTER, TOPIC_LIFECYCLE, TOPIC_REQUESTED
-from tests.e2e.harness import LiveStack, wait_for
 from tests.faults.support import (
     BUCKET,
     GROUPS,
@@ -25,12 +24,13 @@ from tests.faults.support import (
     partitions,
     produce,
     read_topic,
-    request_export,
     rewind_group,
     s3_client,
     settle,
-    wait_state,
 )
+from tests.support.exports import request_export, wait_state
+from tests.support.stack import LiveStack
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -79,7 +79,7 @@ def test_duplicate_events_do_no_duplicate_work_and_poison_is_dead_lettered(
         for number in numbers:
             produce(stack, topic, POISON[number % 2], key=b"poison", partition=number)
     # When an export is requested and its ExportRequested arrives three times
-    export_id = request_export(api, {"channel": ["web"], "status": ["paid", "fulfilled"]})
+    export_id = request_export(api, {"channel": ["web"], "status": ["paid", "fulfilled"]})["id"]
     wait_for(
         lambda: _published(stack, export_id, "ExportRequested"), timeout=30, what="the request"
     )

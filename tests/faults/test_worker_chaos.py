@@ -19,14 +19,15 @@ import httpx2
 import pytest
 
 from shared.devstack.children import ChildProcess, python_env
-from tests.e2e.harness import LiveStack, wait_for
 from tests.faults.support import (
     assert_ready_once,
-    export_of,
-    request_export,
+    service_settings,
     settle,
     uploads_of,
 )
+from tests.support.exports import export_of, request_export
+from tests.support.stack import LiveStack
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -92,64 +93,60 @@ def test_workers_killed_at_random_every_export_ready_once_with_the_right_file(
     # Given several worker processes instead of the stack's one, and enough attempts per export
     stack.kill_service("worker", signal.SIGTERM)
     overrides = {"EXPORT_MAX_ATTEMPTS": str(MAX_ATTEMPTS), "EXPORT_MAX_ACTIVE_PER_USER": "100"}
-    saved = {name: stack.env.get(name) for name in overrides}
-    stack.env.update(overrides)
-    stack.restart_service("api")
-    wait_for(stack._api_up, timeout=30, what="the API")
-    workers: list[ChildProcess] = []
-    started = 0
     try:
-        for _ in range(WORKERS):
-            workers.append(start_worker(stack, started))
-            started += 1
-        # When two dozen exports over three accounts are requested
-        export_ids = [
-            request_export(api, filters, slug=slug) for filters in FILTER_SETS for slug in ACCOUNTS
-        ]
-        assert len(set(export_ids)) == len(FILTER_SETS) * len(ACCOUNTS)
-        # And workers are killed at random while they run: SIGKILL or SIGTERM, then replaced
-        deadline = time.monotonic() + DEADLINE_SECONDS
-        signals: list[str] = []
-        for _ in range(KILLS):
-            time.sleep(rng.uniform(0.5, 3.0))
-            victim = rng.choice(busy_workers(stack, workers) or workers)
-            signum = rng.choice((signal.SIGKILL, signal.SIGTERM))
-            signals.append(signum.name)
-            assert victim.pid is not None
-            os.kill(victim.pid, signum)
-            victim.stop(timeout=30)  # a SIGTERMed one hands its exports back first
-            workers.remove(victim)
-            workers.append(start_worker(stack, started))
-            started += 1
-        print("signals sent:", ", ".join(signals))
+        with service_settings(stack, "api", **overrides):
+            wait_for(stack._api_up, timeout=30, what="the API")
+            workers: list[ChildProcess] = []
+            started = 0
+            try:
+                for _ in range(WORKERS):
+                    workers.append(start_worker(stack, started))
+                    started += 1
+                # When two dozen exports over three accounts are requested
+                export_ids = [
+                    request_export(api, filters, slug=slug)["id"]
+                    for filters in FILTER_SETS
+                    for slug in ACCOUNTS
+                ]
+                assert len(set(export_ids)) == len(FILTER_SETS) * len(ACCOUNTS)
+                # And workers are killed at random while they run: SIGKILL or SIGTERM, then replaced
+                deadline = time.monotonic() + DEADLINE_SECONDS
+                signals: list[str] = []
+                for _ in range(KILLS):
+                    time.sleep(rng.uniform(0.5, 3.0))
+                    victim = rng.choice(busy_workers(stack, workers) or workers)
+                    signum = rng.choice((signal.SIGKILL, signal.SIGTERM))
+                    signals.append(signum.name)
+                    assert victim.pid is not None
+                    os.kill(victim.pid, signum)
+                    victim.stop(timeout=30)  # a SIGTERMed one hands its exports back first
+                    workers.remove(victim)
+                    workers.append(start_worker(stack, started))
+                    started += 1
+                print("signals sent:", ", ".join(signals))
 
-        def done() -> bool:
-            states = [export_of(api, export_id)["state"] for export_id in export_ids]
-            assert "failed" not in states, states
-            return all(state == "ready" for state in states)
+                def done() -> bool:
+                    states = [export_of(api, export_id)["state"] for export_id in export_ids]
+                    assert "failed" not in states, states
+                    return all(state == "ready" for state in states)
 
-        while not done():
-            assert time.monotonic() < deadline, "the exports did not all finish"
-            time.sleep(1)
-        settle(stack, timeout=120)
-        # Then every export is ready exactly once, with the right file and one email
-        for export_id in export_ids:
-            attempts = export_of(api, export_id)["attempts"]
-            assert_ready_once(
-                stack,
-                api,
-                export_id,
-                attempts=attempts,
-                leftover_uploads=len(uploads_of(stack, export_id)),  # SIGKILLed mid-upload
-            )
+                while not done():
+                    assert time.monotonic() < deadline, "the exports did not all finish"
+                    time.sleep(1)
+                settle(stack, timeout=120)
+                # Then every export is ready exactly once, with the right file and one email
+                for export_id in export_ids:
+                    attempts = export_of(api, export_id)["attempts"]
+                    assert_ready_once(
+                        stack,
+                        api,
+                        export_id,
+                        attempts=attempts,
+                        leftover_uploads=len(uploads_of(stack, export_id)),  # SIGKILLed mid-upload
+                    )
+            finally:
+                for worker in workers:
+                    worker.stop(timeout=30)
     finally:
-        for worker in workers:
-            worker.stop(timeout=30)
-        for name, value in saved.items():
-            if value is None:
-                stack.env.pop(name, None)
-            else:
-                stack.env[name] = value
-        stack.restart_service("api")
         stack.start_service("worker")
         wait_for(stack._api_up, timeout=30, what="the API")

@@ -30,13 +30,15 @@ class Population:
     other_account_id: int
 
 
-def _order(
+def order(
     account_id: int, number: str, placed_at: dt.datetime, name: str, total: str, **kw: Any
 ) -> Order:
+    """One order of ``total`` (one item, no shipping); ``kw``: email, status, channel, tax."""
     values: dict[str, Any] = {
         "email": "edge@example.test",
         "status": "paid",
         "channel": "web",
+        "tax": "0.00",
     }
     values.update(kw)
     amount = Decimal(total)
@@ -50,7 +52,7 @@ def _order(
         channel=values["channel"],
         items_count=1,
         subtotal=amount,
-        tax=Decimal("0.00"),
+        tax=Decimal(values["tax"]),
         shipping=Decimal("0.00"),
         total=amount,
         currency="EUR",
@@ -77,45 +79,45 @@ def populate(sessions: sessionmaker[Session], *, orders: int = 3000) -> Populati
         # local midnight boundaries, and text that looks like SQL or LIKE patterns.
         session.add_all(
             [
-                _order(
+                order(
                     acme.id,
                     "E-1",
                     dt.datetime(2025, 3, 30, 0, 59, tzinfo=UTC),
                     "Before DST",
                     "1.00",
                 ),
-                _order(
+                order(
                     acme.id, "E-2", dt.datetime(2025, 3, 30, 1, 0, tzinfo=UTC), "After DST", "2.00"
                 ),
-                _order(
+                order(
                     acme.id,
                     "E-3",
                     dt.datetime(2025, 3, 29, 23, 0, tzinfo=UTC),
                     "Local midnight",
                     "3.00",
                 ),
-                _order(
+                order(
                     acme.id,
                     "E-4",
                     dt.datetime(2025, 3, 29, 22, 59, tzinfo=UTC),
                     "Just before",
                     "4.00",
                 ),
-                _order(
+                order(
                     acme.id,
                     "E-5",
                     dt.datetime(2025, 6, 1, 12, 0, tzinfo=UTC),
                     "Robert'); DROP TABLE orders;--",
                     "5.00",
                 ),
-                _order(
+                order(
                     acme.id,
                     "E-6",
                     dt.datetime(2025, 6, 1, 12, 0, tzinfo=UTC),
                     "100% pure_value",
                     "5.00",
                 ),
-                _order(
+                order(
                     acme.id,
                     "E-7",
                     dt.datetime(2025, 6, 1, 12, 0, tzinfo=UTC),
@@ -191,3 +193,12 @@ def expected_rows(
         reverse=sort.startswith("-"),
     )
     return [display(r, timezone) for r in chosen]
+
+
+def report_answer(client: Any, population: Population, params: list[tuple[str, str]]) -> Any:
+    """The report API's answer to ``params`` for the admin: a page (200) or a refusal (422),
+    never anything else."""
+    headers = {"Authorization": f"Bearer {population.tokens['admin']}"}
+    response = client.get("/api/v1/accounts/acme/orders", params=params, headers=headers)
+    assert response.status_code in (200, 422), response.text
+    return response

@@ -25,12 +25,11 @@ from shared.backlog import BacklogMonitor, ConsumerLag, read_jobs, read_queue_de
 from shared.db import transaction
 from shared.devstack.ports import free_port
 from shared.events import TOPIC_REQUESTED, ExportRequested
-from shared.identity import ensure_account, upsert_user
 from shared.metrics import Backlog, BacklogCollector, JobsSnapshot
 from shared.models import ExportJob, ExportState, ExportTransition, OutboxMessage
 from shared.settings import Settings
 from shared.storage import storage_from_url
-from tests.integration.exportdata import make_job
+from tests.support.jobs import account_and_user, make_job
 
 LEASE_SECONDS = 30
 DELAYED = f"{EXPORTS_QUEUE}.DQ"
@@ -38,14 +37,11 @@ DELAYED = f"{EXPORTS_QUEUE}.DQ"
 
 @pytest.fixture(scope="module")
 def ids(sessions: sessionmaker[Session]) -> dict[str, int]:
-    with transaction(sessions) as session:
-        account = ensure_account(session, slug="gauges")
-        user = upsert_user(session, email="gauges@example.test", password="long-enough-pw")
-        return {"account_id": account.id, "user_id": user.id}
+    return account_and_user(sessions, "gauges", "gauges@example.test")
 
 
 def job(sessions: sessionmaker[Session], ids: dict[str, int], **values: Any) -> uuid.UUID:
-    return make_job(sessions, account_id=ids["account_id"], user_id=ids["user_id"], **values)
+    return make_job(sessions, account_id=ids["account"], user_id=ids["user"], **values)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import csv
 import datetime as dt
 import io
 from collections.abc import Iterator
-from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -25,8 +24,9 @@ from services.api.app import create_app
 from shared.columns import formula_guarded, guard_text
 from shared.db import transaction
 from shared.identity import create_token, ensure_account, set_membership, upsert_user
-from shared.models import Order, Role
+from shared.models import Role
 from shared.settings import Settings
+from tests.integration.reportdata import order
 
 #: Each variant of a hidden or disguised trigger, as a customer name (all must be guarded).
 GUARDED = [
@@ -73,22 +73,15 @@ def token(sessions: sessionmaker[Session]) -> str:
         set_membership(session, account=account, user=user, role=Role.ADMIN)
         placed = dt.datetime(2025, 5, 1, 12, 0, tzinfo=dt.UTC)
         for index, name in enumerate(GUARDED + UNCHANGED):
-            amount = Decimal("-5.00") if index % 2 else Decimal("12.50")
             session.add(
-                Order(
-                    account_id=account.id,
-                    number=name or "N-empty",  # the order number is a text column as well
-                    placed_at=placed + dt.timedelta(minutes=index),
-                    customer_name=name,
-                    customer_email=(name or "empty") + "@x.test",
-                    status="paid",
-                    channel="web",
-                    items_count=1,
-                    subtotal=amount,
-                    tax=Decimal("-1.00"),
-                    shipping=Decimal("0.00"),
-                    total=amount,
-                    currency="EUR",
+                order(
+                    account.id,
+                    name or "N-empty",  # the order number is a text column as well
+                    placed + dt.timedelta(minutes=index),
+                    name,
+                    "-5.00" if index % 2 else "12.50",
+                    email=(name or "empty") + "@x.test",
+                    tax="-1.00",
                 )
             )
         return create_token(session, user)

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import confluent_kafka
 import psycopg
@@ -48,6 +49,24 @@ def _kill_if_alive(pid: int | None) -> None:
     if pid is not None and pid_alive(pid):
         os.kill(pid, signal.SIGKILL)
         wait_gone(pid, timeout=GONE_TIMEOUT)
+
+
+_Server = TypeVar("_Server", KafkaBroker, MailSink, EmbeddedRedis)
+
+
+def _stop(server: _Server) -> None:
+    """Stop a server the test started, and make sure its process is gone."""
+    pid = server.child.pid if server.child else None
+    server.stop()
+    _kill_if_alive(pid)
+
+
+def _stopped_after(server: _Server) -> Iterator[_Server]:
+    """Hand out ``server`` (``yield from`` in a fixture); stop it afterwards, whatever happens."""
+    try:
+        yield server
+    finally:
+        _stop(server)
 
 
 # -- PostgreSQL --------------------------------------------------------------------------------
@@ -129,9 +148,7 @@ def redis_servers() -> Iterator[list[EmbeddedRedis]]:
     started: list[EmbeddedRedis] = []
     yield started
     for server in started:
-        pid = server.child.pid if server.child else None
-        server.stop()
-        _kill_if_alive(pid)
+        _stop(server)
 
 
 def test_redis_answers_and_keeps_data_across_a_restart(
@@ -164,12 +181,7 @@ def test_redis_answers_and_keeps_data_across_a_restart(
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[KafkaBroker]:
     server = KafkaBroker(ready_file=tmp_path / "kafka.ready", pid_file=tmp_path / "kafka.pid")
-    try:
-        yield server
-    finally:
-        pid = server.child.pid if server.child else None
-        server.stop()
-        _kill_if_alive(pid)
+    yield from _stopped_after(server)
 
 
 def test_kafka_broker_carries_messages_between_clients(broker: KafkaBroker) -> None:
@@ -229,12 +241,7 @@ def mailsink(tmp_path: Path) -> Iterator[MailSink]:
         ready_file=tmp_path / "mailsink.ready",
         pid_file=tmp_path / "mailsink.pid",
     )
-    try:
-        yield sink
-    finally:
-        pid = sink.child.pid if sink.child else None
-        sink.stop()
-        _kill_if_alive(pid)
+    yield from _stopped_after(sink)
 
 
 def test_mailsink_stores_each_message_as_an_eml_file(mailsink: MailSink) -> None:

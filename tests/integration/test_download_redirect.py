@@ -36,16 +36,6 @@ def population(sessions: sessionmaker[Session]) -> Population:
     return populate(sessions, orders=600)
 
 
-@pytest.fixture(scope="module")
-def s3_server() -> Iterator[S3TestServer]:
-    server = S3TestServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def _app_settings(settings: Settings, server: S3TestServer, *, redirect: int) -> Settings:
     bucket = f"exports-{uuid.uuid4().hex[:12]}"
     return settings.model_copy(

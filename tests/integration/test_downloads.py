@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.testclient import TestClient
 
 from services.api.app import create_app
+from services.api.state import state_of
 from shared.models import DownloadAttempt, ExportJob
 from shared.settings import Settings
 from tests.integration.reportdata import Population, populate
@@ -234,7 +235,7 @@ def test_an_admin_deletes_the_file_now_and_every_link_then_answers_410(
 
     # Given a ready export whose file is stored
     export = fresh_export(client, population)
-    storage = client.app.state.storage  # type: ignore[attr-defined]
+    storage = state_of(client.app).storage  # type: ignore[arg-type]
     with sessions() as session:
         key = session.get_one(ExportJob, uuid.UUID(export["id"])).storage_key
     assert key is not None and storage.exists(key)

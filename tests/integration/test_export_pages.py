@@ -10,36 +10,41 @@ import datetime as dt
 import html
 import json
 import re
+import threading
 import uuid
 from collections.abc import Iterator
 from html.parser import HTMLParser
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 from zoneinfo import ZoneInfo
 
 import httpx2
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from services.api.app import create_app
+from services.api.state import state_of
 from shared.db import transaction
 from shared.filters import OrderFilters, parse_filters
-from shared.flags import FlagCache, set_flag
+from shared.flags import set_flag
 from shared.identity import find_user
 from shared.models import ExportJob, ExportState
 from shared.runner import ExportRunner, RunOutcome
 from shared.settings import Settings
 from shared.signing import SigningKeys, download_path
-from tests.integration.exportdata import make_job
 from tests.integration.reportdata import TIMEZONE, Population, populate
+from tests.support.jobs import make_job
 
 THRESHOLD = 200
 PASSWORD = "correct horse battery"
 HTML = {"Accept": "text/html,application/xhtml+xml"}
+
+
+#: What the module's app changes of the test settings (tests/integration/conftest.py).
+APP_SETTINGS = {"export_async_threshold_rows": THRESHOLD, "export_max_active_per_user": 4}
 
 
 @pytest.fixture(scope="module")
@@ -48,30 +53,15 @@ def population(sessions: sessionmaker[Session]) -> Population:
 
 
 @pytest.fixture(scope="module")
-def app_settings(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    storage = Path(tmp_path_factory.mktemp("storage"))
-    return settings.model_copy(
-        update={
-            "storage_url": storage.as_uri(),
-            "export_async_threshold_rows": THRESHOLD,
-            "export_max_active_per_user": 4,
-        }
-    )
-
-
-@pytest.fixture(scope="module")
 def app(app_settings: Settings, population: Population) -> Iterator[Starlette]:
-    app = create_app(app_settings)
-    app.state.flags = FlagCache(app.state.sessions, max_age=0)  # switches apply at once here
+    app = create_app(app_settings, flag_cache_seconds=0)  # switches apply at once here
     with TestClient(app):
         yield app
 
 
 @pytest.fixture(scope="module")
 def runner(app: Starlette) -> ExportRunner:
-    from services.api.export_routes import runner_of
-
-    return runner_of(app)
+    return state_of(app).runner
 
 
 def browser(app: Starlette, email: str | None = None) -> TestClient:
@@ -147,6 +137,16 @@ def user_id(sessions: sessionmaker[Session], email: str) -> int:
         user = find_user(session, email)
         assert user is not None
         return user.id
+
+
+def admin_job(sessions: sessionmaker[Session], population: Population, **values: Any) -> uuid.UUID:
+    """An export of the account's admin, inserted directly (``values``: state and columns)."""
+    return make_job(
+        sessions,
+        account_id=population.account_id,
+        user_id=user_id(sessions, "admin@acme.test"),
+        **values,
+    )
 
 
 def cancel_all(sessions: sessionmaker[Session]) -> None:
@@ -309,10 +309,9 @@ def test_export_page_explains_failures(
     says: str,
     retry_button: bool,
 ) -> None:
-    export_id = make_job(
+    export_id = admin_job(
         sessions,
-        account_id=population.account_id,
-        user_id=user_id(sessions, "admin@acme.test"),
+        population,
         state=ExportState.FAILED,
         filters=OrderFilters(status=("paid",), placed_from=dt.date(2025, 1, 1)),
         error_code=code,
@@ -338,9 +337,7 @@ def test_export_page_explains_failures(
 def test_export_page_is_for_admins_of_the_account(
     app: Starlette, sessions: sessionmaker[Session], population: Population
 ) -> None:
-    export_id = make_job(
-        sessions, account_id=population.account_id, user_id=user_id(sessions, "admin@acme.test")
-    )
+    export_id = admin_job(sessions, population)
     assert browser(app, "member@acme.test").get(f"/exports/{export_id}").status_code == 404
     assert browser(app, "admin@globex.test").get(f"/exports/{export_id}").status_code == 404
     assert browser(app, "admin@acme.test").get("/exports/not-a-uuid").status_code == 404
@@ -420,10 +417,9 @@ def test_expired_file_lands_on_the_export_page_with_re_export(
 ) -> None:
     cancel_all(sessions)
     export_id = str(
-        make_job(
+        admin_job(
             sessions,
-            account_id=population.account_id,
-            user_id=user_id(sessions, "admin@acme.test"),
+            population,
             state=ExportState.EXPIRED,
             filters=OrderFilters(channel=("phone",), status=("paid",)),
         )
@@ -482,10 +478,9 @@ def test_page_and_api_give_the_support_verdict_in_the_users_words(
     from shared import support
 
     # Given an export in some state
-    export_id = make_job(
+    export_id = admin_job(
         sessions,
-        account_id=population.account_id,
-        user_id=user_id(sessions, "admin@acme.test"),
+        population,
         state=state,
         **values,
     )
@@ -618,9 +613,7 @@ def test_the_export_form_offers_the_two_options_and_the_panel_shows_them(
 def test_the_script_polls_the_panel_drawn_by_the_server(
     app: Starlette, sessions: sessionmaker[Session], population: Population
 ) -> None:
-    export_id = make_job(
-        sessions, account_id=population.account_id, user_id=user_id(sessions, "admin@acme.test")
-    )
+    export_id = admin_job(sessions, population)
     admin = browser(app, "admin@acme.test")
     page = admin.get("/accounts/acme/orders?status=paid")
     poll_url = config_of(page.text)["poll_url"]
@@ -643,3 +636,52 @@ def test_the_script_polls_the_panel_drawn_by_the_server(
     assert browser(app, "admin@globex.test").get(poll_url).status_code == 404
     assert TestClient(app).get(poll_url).status_code == 401
     cancel_all(sessions)
+
+
+@pytest.fixture(scope="module")
+def cached_switches(
+    app_settings: Settings, population: Population
+) -> Iterator[tuple[Starlette, str]]:
+    """An app whose switches stay cached (its requests open no session of the flag cache), and
+    a ready export of it."""
+    app = create_app(app_settings, flag_cache_seconds=3600)
+    with TestClient(app):
+        yield app, _ready_export(browser(app, "admin@acme.test"))
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/",
+        "/accounts/acme/orders",
+        "/accounts/acme/orders?placed_from=someday",  # 422: the page with the filter's error
+        "/accounts/acme/exports/panel",
+        "/exports/{id}",
+        "/exports/{id}/panel",
+        "/exports/{id}/delete-file",
+        "/api/v1/accounts/acme/order-exports",
+        "/api/v1/accounts/acme/orders",
+    ],
+)
+def test_a_page_or_api_request_identifies_the_caller_in_its_one_session(
+    cached_switches: tuple[Starlette, str], path: str
+) -> None:
+    """The caller, the page and its Exports panel share one session: one pool checkout."""
+    app, export_id = cached_switches
+    admin = browser(app, "admin@acme.test")
+    url = path.format(id=export_id)
+    assert admin.get(url).status_code in (200, 422)  # the switches are cached from here on
+    engine = state_of(app).engine
+    checkouts: list[str] = []
+
+    def checked_out(*_: object) -> None:
+        if threading.current_thread().name != "warm-up":  # the app's start, not a request
+            checkouts.append(threading.current_thread().name)
+
+    event.listen(engine, "checkout", checked_out)
+    try:
+        response = admin.get(url)
+    finally:
+        event.remove(engine, "checkout", checked_out)
+    assert response.status_code in (200, 422), response.text
+    assert len(checkouts) == 1, checkouts

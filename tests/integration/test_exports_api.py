@@ -10,8 +10,6 @@ import csv
 import datetime as dt
 import io
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -21,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.testclient import TestClient
 
 from services.api.app import create_app
+from services.api.state import state_of
 from shared.db import transaction
 from shared.events import ExportRequested, decode
 from shared.flags import set_flag
@@ -41,35 +40,22 @@ from tests.support.reports import guarded, report_rows
 THRESHOLD = 200
 
 
+#: What the module's app changes of the test settings (tests/integration/conftest.py).
+APP_SETTINGS = {
+    "export_async_threshold_rows": THRESHOLD,
+    "export_max_active_per_user": 3,
+    "export_max_rows": 100_000,
+}
+
+
 @pytest.fixture(scope="module")
 def population(sessions: sessionmaker[Session]) -> Population:
     return populate(sessions, orders=1500)
 
 
 @pytest.fixture(scope="module")
-def app_settings(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    storage = Path(tmp_path_factory.mktemp("storage"))
-    return settings.model_copy(
-        update={
-            "storage_url": storage.as_uri(),
-            "export_async_threshold_rows": THRESHOLD,
-            "export_max_active_per_user": 3,
-            "export_max_rows": 100_000,
-        }
-    )
-
-
-@pytest.fixture(scope="module")
-def client(app_settings: Settings, population: Population) -> Iterator[TestClient]:
-    with TestClient(create_app(app_settings), base_url="http://127.0.0.1") as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def runner(client: TestClient) -> ExportRunner:
-    from services.api.export_routes import runner_of
-
-    return runner_of(client.app)  # type: ignore[arg-type]
+    return state_of(client.app).runner  # type: ignore[arg-type]
 
 
 def bearer(population: Population, who: str = "admin") -> dict[str, str]:
@@ -617,52 +603,48 @@ class TestDownloads:
         assert response.status_code == 403
         assert response.json()["error"]["code"] == "bad_signature"
 
-    def test_expired_link_is_410(
+    @pytest.mark.parametrize(
+        ("signed_with", "expires_in", "served_with", "status"),
+        [
+            (None, -5, None, 410),  # expired (None: the module app's own keys)
+            ("old1:" + "o" * 32, 3600, "new2:" + "n" * 32 + ",old1:" + "o" * 32, 200),  # rotated
+            ("old1:" + "o" * 32, 3600, "new2:" + "n" * 32, 403),  # the old key retired
+        ],
+    )
+    def test_link_expiry_and_key_rotation(
         self,
         client: TestClient,
         population: Population,
         app_settings: Settings,
         ready: dict[str, Any],
+        signed_with: str | None,
+        expires_in: int,
+        served_with: str | None,
+        status: int,
     ) -> None:
         from shared.signing import SigningKeys, download_path
 
-        with client.app.state.sessions() as session:  # type: ignore[attr-defined]
+        with state_of(client.app).sessions() as session:  # type: ignore[arg-type]
             admin = find_user(session, "admin@acme.test")
         assert admin is not None
-        past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)
+        signing = app_settings
+        if signed_with is not None:
+            signing = app_settings.model_copy(update={"download_signing_keys": signed_with})
         path = download_path(
-            SigningKeys.from_settings(app_settings),
+            SigningKeys.from_settings(signing),
             export_id=ready["id"],
             user_id=admin.id,
-            expires_at=past,
+            expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=expires_in),
         )
-        response = client.get(path, headers=bearer(population))
-        assert response.status_code == 410 and response.json()["error"]["code"] == "link_expired"
-
-    def test_key_rotation(
-        self,
-        client: TestClient,
-        population: Population,
-        app_settings: Settings,
-        ready: dict[str, Any],
-    ) -> None:
-        from shared.signing import SigningKeys, download_path
-
-        with client.app.state.sessions() as session:  # type: ignore[attr-defined]
-            admin = find_user(session, "admin@acme.test")
-        assert admin is not None
-        soon = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
-        old = app_settings.model_copy(update={"download_signing_keys": "old1:" + "o" * 32})
-        rotated = app_settings.model_copy(
-            update={"download_signing_keys": "new2:" + "n" * 32 + ",old1:" + "o" * 32}
-        )
-        retired = app_settings.model_copy(update={"download_signing_keys": "new2:" + "n" * 32})
-        path = download_path(
-            SigningKeys.from_settings(old), export_id=ready["id"], user_id=admin.id, expires_at=soon
-        )
-        for settings, status in ((rotated, 200), (retired, 403)):
-            with TestClient(create_app(settings), base_url="http://127.0.0.1") as rotated_client:
-                assert rotated_client.get(path, headers=bearer(population)).status_code == status
+        if served_with is None:
+            response = client.get(path, headers=bearer(population))
+        else:
+            served = app_settings.model_copy(update={"download_signing_keys": served_with})
+            with TestClient(create_app(served), base_url="http://127.0.0.1") as other:
+                response = other.get(path, headers=bearer(population))
+        assert response.status_code == status
+        if status == 410:
+            assert response.json()["error"]["code"] == "link_expired"
 
     def test_removed_admin_is_refused_even_with_the_emailed_link(
         self, client: TestClient, population: Population, sessions: sessionmaker[Session]

@@ -9,13 +9,9 @@ order (what is running, queued or ready when the small export is ready), never a
 
 from __future__ import annotations
 
-import os
-import signal
+import contextlib
 import subprocess
-import time
 import uuid
-from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -25,13 +21,12 @@ from services.worker.actors import Actors
 from shared.db import transaction
 from shared.exports import request_export
 from shared.flags import FlagCache
-from shared.identity import ensure_account, set_membership, upsert_user
 from shared.lanes import FAST, NORMAL, lane_for
-from shared.models import ExportJob, ExportState, OutboxMessage, Role, User
-from shared.seeding import seed_orders
+from shared.models import ExportJob, ExportState, OutboxMessage, User
 from shared.settings import Settings
-from tests.integration.exportdata import make_job
-from tests.support.processes import start_worker
+from tests.support.jobs import make_job, seeded_admin
+from tests.support.processes import WorkerProcess, kill_if_running, terminate
+from tests.support.waiting import wait_until
 
 #: Orders of each big account: at the brake below, an export of one takes about 15 s.
 BIG_ORDERS = 5000
@@ -43,32 +38,13 @@ NORMAL_THREADS = 2
 
 @pytest.fixture(scope="module")
 def ids(sessions: sessionmaker[Session]) -> dict[str, int]:
-    found: dict[str, int] = {}
-    with transaction(sessions) as session:
-        user = upsert_user(session, email="lanes@example.test", password="long-enough-pw")
-        found["user"] = user.id
-        for slug, orders, seed in (
-            ("big-one", BIG_ORDERS, 1),
-            ("big-two", BIG_ORDERS, 2),
-            ("small", SMALL_ORDERS, 3),
-        ):
-            account = ensure_account(session, slug=slug, timezone="UTC")
-            set_membership(session, account=account, user=user, role=Role.ADMIN)
-            seed_orders(session, account, orders=orders, seed=seed)
-            found[slug] = account.id
-    return found
+    accounts = [("big-one", BIG_ORDERS, 1), ("big-two", BIG_ORDERS, 2), ("small", SMALL_ORDERS, 3)]
+    return seeded_admin(sessions, "lanes@example.test", accounts)
 
 
 def state_of(sessions: sessionmaker[Session], export_id: uuid.UUID) -> ExportJob:
     with sessions() as session:
         return session.get_one(ExportJob, export_id)
-
-
-def wait_for(condition: Callable[[], bool], *, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_the_request_picks_the_lane_by_its_row_count(
@@ -106,29 +82,17 @@ def test_the_request_picks_the_lane_by_its_row_count(
 
 
 def test_a_small_export_is_claimed_while_every_normal_thread_runs_a_big_one(
-    settings: Settings,
     sessions: sessionmaker[Session],
-    redis_url: str,
-    broker: str,
+    run_worker: WorkerProcess,
     actors: Actors,
     ids: dict[str, int],
-    tmp_path: Path,
 ) -> None:
-    env = {
-        **os.environ,
-        "DATABASE_URL": settings.database_url,
-        "SECRET_KEY": settings.secret_key,
-        "REDIS_URL": redis_url,
-        "KAFKA_BOOTSTRAP_SERVERS": broker,
-        "KAFKA_SESSION_TIMEOUT_MS": "6000",
-        "STORAGE_URL": (tmp_path / "files").as_uri(),
-        "EXPORT_MAX_BYTES_PER_SECOND": "40000",  # a big export (~600 kB) runs about 15 s
-        "EXPORT_WORKER_THREADS": str(NORMAL_THREADS),
-        "EXPORT_FAST_LANE_THREADS": "1",
-        "WORKER_SHUTDOWN_GRACE_SECONDS": "0",
-    }
-    log_path = tmp_path / "worker.log"
-    worker = start_worker(env, log_path)
+    worker = run_worker(
+        EXPORT_MAX_BYTES_PER_SECOND="40000",  # a big export (~600 kB) runs about 15 s
+        EXPORT_WORKER_THREADS=str(NORMAL_THREADS),
+        EXPORT_FAST_LANE_THREADS="1",
+        WORKER_SHUTDOWN_GRACE_SECONDS="0",
+    )
     try:
         # Given both normal-lane threads stream a big export (two accounts), and a third big
         # export waits in the normal lane behind them
@@ -138,7 +102,7 @@ def test_a_small_export_is_claimed_while_every_normal_thread_runs_a_big_one(
         ]
         for export_id in big:
             actors.send_generate(str(export_id), lane=NORMAL)
-        wait_for(
+        wait_until(
             lambda: all(state_of(sessions, i).rows_written > 0 for i in big),
             what="both big exports to stream",
         )
@@ -150,7 +114,7 @@ def test_a_small_export_is_claimed_while_every_normal_thread_runs_a_big_one(
         # When a small export of a third account is sent to the fast lane
         small = make_job(sessions, account_id=ids["small"], user_id=ids["user"])
         actors.send_generate(str(small), lane=FAST)
-        wait_for(
+        wait_until(
             lambda: (
                 state_of(sessions, small).state not in (ExportState.QUEUED, ExportState.RUNNING)
             ),
@@ -170,9 +134,6 @@ def test_a_small_export_is_claimed_while_every_normal_thread_runs_a_big_one(
         other = state_of(sessions, same_account)
         assert (other.state, other.started_at) == (ExportState.QUEUED, None)
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        with contextlib.suppress(subprocess.TimeoutExpired):  # killed then
+            terminate(worker, 30)
+        kill_if_running(worker)

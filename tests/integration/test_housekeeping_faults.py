@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 import pytest
 import redis
@@ -31,68 +28,48 @@ from shared.identity import ensure_account, set_membership, upsert_user
 from shared.models import ExportJob, ExportState, Notification, Role, User
 from shared.notifications import Notifier
 from shared.runner import ExportRunner, RunOutcome
-from shared.seeding import seed_orders
 from shared.settings import Settings
 from shared.storage import Storage, storage_from_url
-from tests.integration.exportdata import make_job
+from tests.support.jobs import job_of, make_job, seeded_admin
+from tests.support.storage import FaultyStorage, local_storage
+from tests.support.waiting import run_together, wait_until
 
 
-class HangingDeletes:
+class HangingDeletes(FaultyStorage):
     """Local storage whose ``delete`` hangs until released (S3 unreachable: ~9 s per call)."""
 
     def __init__(self, inner: Storage) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.entered = threading.Event()
         self.release = threading.Event()
-
-    def prepare(self) -> None:
-        self.inner.prepare()
-
-    def put(self, key: str, stream: BinaryIO) -> int:
-        return self.inner.put(key, stream)
-
-    def open(self, key: str) -> Iterator[bytes]:
-        return self.inner.open(key)
 
     def delete(self, key: str) -> None:
         self.entered.set()
         self.release.wait(60)
         self.inner.delete(key)
 
-    def exists(self, key: str) -> bool:
-        return self.inner.exists(key)
-
-    def size(self, key: str) -> int:
-        return self.inner.size(key)
-
 
 @pytest.fixture(scope="module")
 def ids(sessions: sessionmaker[Session]) -> dict[str, int]:
-    with transaction(sessions) as session:
-        user = upsert_user(session, email="keeper@example.test", password="long-enough-pw")
-        account = ensure_account(session, slug="keeper", timezone="UTC")
-        set_membership(session, account=account, user=user, role=Role.ADMIN)
-        seed_orders(session, account, orders=200, seed=2)
-        return {"account": account.id, "user": user.id}
+    found = seeded_admin(sessions, "keeper@example.test", [("keeper", 200, 2)])
+    return {"account": found["keeper"], "user": found["user"]}
 
 
 @pytest.fixture
 def local(tmp_path: Path) -> Storage:
-    store = storage_from_url((tmp_path / "files").as_uri())
-    store.prepare()
-    return store
+    return local_storage(tmp_path / "files")
 
 
-def get(sessions: sessionmaker[Session], export_id: uuid.UUID) -> ExportJob:
-    with sessions() as session:
-        return session.get_one(ExportJob, export_id)
-
-
-def wait_until(condition: Callable[[], bool], *, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+def crashed_job(sessions: sessionmaker[Session], owner: dict[str, int]) -> uuid.UUID:
+    """A running job of a worker that died: its lease ran out seconds ago."""
+    return make_job(
+        sessions,
+        **owner,
+        state=ExportState.RUNNING,
+        attempts=1,
+        worker_id="dead",
+        lease_expires_at=past(5),
+    )
 
 
 def past(seconds: int = 60) -> dt.datetime:
@@ -126,21 +103,14 @@ def test_a_hanging_storage_delete_blocks_neither_rescue_nor_the_job_rows(
             ).all()
             assert len(locked) == 1
         # And a dead worker's job is rescued all the same
-        crashed = make_job(
-            sessions,
-            **owner,
-            state=ExportState.RUNNING,
-            attempts=1,
-            worker_id="dead",
-            lease_expires_at=past(5),
-        )
-        wait_until(lambda: get(sessions, crashed).state is ExportState.QUEUED, what="the rescue")
+        crashed = crashed_job(sessions, owner)
+        wait_until(lambda: job_of(sessions, crashed).state is ExportState.QUEUED, what="the rescue")
     finally:
         storage.release.set()
         stop.set()
         thread.join(30)
     assert not thread.is_alive()
-    wait_until(lambda: get(sessions, expired).state is ExportState.EXPIRED, what="the expiry")
+    wait_until(lambda: job_of(sessions, expired).state is ExportState.EXPIRED, what="the expiry")
 
 
 def test_a_redis_error_in_rescue_does_not_stop_expiry(
@@ -154,22 +124,15 @@ def test_a_redis_error_in_rescue_does_not_stop_expiry(
         maintenance = Maintenance(
             settings=settings, sessions=sessions, storage=local, actors=actors
         )
-        crashed = make_job(
-            sessions,
-            **owner,
-            state=ExportState.RUNNING,
-            attempts=1,
-            worker_id="dead",
-            lease_expires_at=past(5),
-        )
+        crashed = crashed_job(sessions, owner)
         expired = make_job(
             sessions, **owner, state=ExportState.READY, storage_key="x/y.csv", expires_at=past()
         )
         maintenance.round()  # Redis is unreachable: sending the rescued job's work fails
     finally:
         broker.close()
-    assert get(sessions, crashed).state is ExportState.QUEUED  # resent later by housekeeping
-    assert get(sessions, expired).state is ExportState.EXPIRED
+    assert job_of(sessions, crashed).state is ExportState.QUEUED  # resent later by housekeeping
+    assert job_of(sessions, expired).state is ExportState.EXPIRED
 
 
 def test_work_waiting_in_redis_for_a_worker_thread_is_not_sent_again(
@@ -231,11 +194,7 @@ def test_concurrent_retries_keep_the_active_cap(
             ]
             barrier = threading.Barrier(racers)
             outcomes: list[str] = []
-            threads = [threading.Thread(target=retry, args=(e, barrier, outcomes)) for e in failed]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            run_together(retry, [(e, barrier, outcomes) for e in failed])
             with sessions() as session:
                 active = session.scalar(
                     text(
@@ -257,16 +216,6 @@ def test_concurrent_retries_keep_the_active_cap(
         engine.dispose()
 
 
-@pytest.fixture
-def sink(tmp_path: Path) -> Iterator[MailSink]:
-    mail = MailSink(mail_dir=tmp_path / "mail", ready_file=tmp_path / "mail.ready")
-    mail.start()
-    try:
-        yield mail
-    finally:
-        mail.stop()
-
-
 def test_retrying_an_expired_export_emails_the_new_file(
     settings: Settings,
     sessions: sessionmaker[Session],
@@ -286,7 +235,7 @@ def test_retrying_an_expired_export_emails_the_new_file(
     export_id = make_job(sessions, account_id=ids["account"], user_id=ids["user"])
 
     def ready_event() -> ExportReady:
-        job = get(sessions, export_id)
+        job = job_of(sessions, export_id)
         assert job.expires_at is not None and job.row_count is not None
         return ExportReady(
             export_id=str(export_id),

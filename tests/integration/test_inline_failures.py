@@ -4,12 +4,10 @@ the workers, never a 500, and never a failure email (the response already told t
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.testclient import TestClient
 
@@ -17,10 +15,11 @@ from services.api.app import create_app
 from shared.devstack.mailsink import MailSink
 from shared.devstack.ports import free_port
 from shared.events import decode
-from shared.models import ExportJob, ExportState, OutboxMessage
+from shared.models import ExportJob, ExportState
 from shared.notifications import Notifier
 from shared.settings import Settings
 from tests.integration.reportdata import Population, populate
+from tests.support.jobs import events_of
 
 
 @pytest.fixture(scope="module")
@@ -47,30 +46,12 @@ def client_for(settings: Settings) -> TestClient:
     )
 
 
-@pytest.fixture
-def sink(tmp_path: Path) -> Iterator[MailSink]:
-    mail = MailSink(mail_dir=tmp_path / "mail", ready_file=tmp_path / "mail.ready")
-    mail.start()
-    try:
-        yield mail
-    finally:
-        mail.stop()
-
-
 def post(client: TestClient, population: Population, filters: dict[str, Any]) -> Any:
     return client.post(
         "/api/v1/accounts/acme/order-exports",
         json={"filters": filters},
         headers={"Authorization": f"Bearer {population.tokens['admin']}"},
     )
-
-
-def events_of(sessions: sessionmaker[Session], export_id: str) -> list[dict[str, Any]]:
-    with sessions() as session:
-        rows = session.scalars(
-            select(OutboxMessage).where(OutboxMessage.key == export_id).order_by(OutboxMessage.id)
-        )
-        return [row.payload for row in rows]
 
 
 def test_inline_export_failing_for_good_answers_503_json_and_sends_no_email(

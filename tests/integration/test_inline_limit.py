@@ -15,8 +15,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.testclient import TestClient
 
-from services.api.app import create_app
-from services.api.export_routes import INLINE_POOL_SIZE
+from services.api.app import INLINE_POOL_SIZE, create_app
 from shared.db import transaction
 from shared.identity import create_token, ensure_account, find_user, set_membership, upsert_user
 from shared.models import ExportJob, Role

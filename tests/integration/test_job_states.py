@@ -16,7 +16,7 @@ from shared.db import transaction
 from shared.errors import InvalidTransition
 from shared.identity import ensure_account, set_membership, upsert_user
 from shared.models import ExportJob, ExportState, ExportTransition, Role
-from tests.integration.exportdata import make_job
+from tests.support.jobs import make_job
 
 
 @pytest.fixture(scope="module")
@@ -193,14 +193,8 @@ def test_heartbeat_only_for_the_owner_of_a_running_job(
             rows_written=1,
             rows_estimate=1,
         )
-    with transaction(sessions) as session:
-        lifecycle.transition(
-            session,
-            export_id,
-            to=ExportState.CANCELED,
-            expected=[ExportState.RUNNING],
-            actor="user:1",
-        )
+    with transaction(sessions) as session:  # the user cancels it
+        lifecycle.cancel(session, session.get_one(ExportJob, export_id), actor="user:1")
     with transaction(sessions) as session:
         assert not lifecycle.heartbeat(
             session, export_id, worker_id="me", lease_seconds=30, rows_written=20, rows_estimate=100

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx2
@@ -40,21 +39,13 @@ from tests.integration.reportdata import Population, populate
 EXPORTS = "/api/v1/accounts/acme/order-exports"
 
 
+#: What the module's app changes of the test settings (tests/integration/conftest.py).
+APP_SETTINGS = {"export_max_active_per_user": 1000}
+
+
 @pytest.fixture(scope="module")
 def population(sessions: sessionmaker[Session]) -> Population:
     return populate(sessions, orders=30)
-
-
-@pytest.fixture(scope="module")
-def app_settings(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    storage = Path(tmp_path_factory.mktemp("storage")).as_uri()
-    return settings.model_copy(update={"storage_url": storage, "export_max_active_per_user": 1000})
-
-
-@pytest.fixture(scope="module")
-def client(app_settings: Settings, population: Population) -> Iterator[TestClient]:
-    with TestClient(create_app(app_settings), base_url="http://127.0.0.1") as client:
-        yield client
 
 
 def bearer(population: Population) -> dict[str, str]:

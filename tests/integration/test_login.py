@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx2
 import pytest
@@ -41,10 +41,18 @@ def client(app_settings: Settings) -> Iterator[TestClient]:
 
 
 def log_in(
-    client: TestClient, email: str, password: str = PASSWORD, **extra: str
+    client: TestClient,
+    email: str,
+    password: str = PASSWORD,
+    *,
+    headers: dict[str, str] | None = None,
+    **extra: str,
 ) -> httpx2.Response:
     return client.post(
-        "/login", data={"email": email, "password": password, **extra}, follow_redirects=False
+        "/login",
+        data={"email": email, "password": password, **extra},
+        headers=headers,
+        follow_redirects=False,
     )
 
 
@@ -91,20 +99,12 @@ def test_open_redirects_are_not_followed(client: TestClient) -> None:
 
 
 def test_cross_site_login_is_refused(client: TestClient) -> None:
-    response = client.post(
-        "/login",
-        data={"email": "admin@acme.test", "password": PASSWORD},
-        headers={"Origin": "https://evil.test"},
-    )
+    response = log_in(client, "admin@acme.test", headers={"Origin": "https://evil.test"})
     assert response.status_code == 403
 
 
 def test_json_login_returns_the_csrf_token(client: TestClient) -> None:
-    response = client.post(
-        "/login",
-        data={"email": "admin@acme.test", "password": PASSWORD},
-        headers={"Accept": "application/json"},
-    )
+    response = log_in(client, "admin@acme.test", headers={"Accept": "application/json"})
     assert response.status_code == 200
     assert len(response.json()["csrf_token"]) > 20
 
@@ -130,25 +130,30 @@ def test_brute_force_is_throttled(client: TestClient) -> None:
     assert int(blocked.headers["retry-after"]) > 0
 
 
-def test_deactivated_user_loses_the_session(
-    client: TestClient, sessions: sessionmaker[Session]
-) -> None:
-    log_in(client, "gone@acme.test")
-    assert client.get("/api/v1/accounts/acme/orders?limit=1").status_code == 200
-    with transaction(sessions) as session:
-        session.execute(update(User).where(User.email == "gone@acme.test").values(is_active=False))
-    assert client.get("/api/v1/accounts/acme/orders?limit=1").status_code == 401
-    assert log_in(client, "gone@acme.test").status_code == 401
+def deactivate(session: Session, email: str) -> None:
+    session.execute(update(User).where(User.email == email).values(is_active=False))
 
 
-def test_password_change_ends_existing_sessions(
-    client: TestClient, sessions: sessionmaker[Session]
+def change_password(session: Session, email: str) -> None:
+    upsert_user(session, email=email, password="another-password")
+
+
+@pytest.mark.parametrize(
+    ("email", "change"),
+    [("gone@acme.test", deactivate), ("changed@acme.test", change_password)],
+)
+def test_a_deactivated_user_or_a_changed_password_ends_existing_sessions(
+    client: TestClient,
+    sessions: sessionmaker[Session],
+    email: str,
+    change: Callable[[Session, str], None],
 ) -> None:
-    log_in(client, "changed@acme.test")
+    log_in(client, email)
     assert client.get("/api/v1/accounts/acme/orders?limit=1").status_code == 200
     with transaction(sessions) as session:
-        upsert_user(session, email="changed@acme.test", password="another-password")
+        change(session, email)
     assert client.get("/api/v1/accounts/acme/orders?limit=1").status_code == 401
+    assert log_in(client, email).status_code == 401  # nor does the old login work again
 
 
 def test_security_headers_on_html(client: TestClient) -> None:

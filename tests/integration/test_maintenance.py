@@ -14,26 +14,21 @@ from sqlalchemy.orm import Session, sessionmaker
 from services.worker.actors import EXPORTS_QUEUE, Actors
 from services.worker.maintenance import Maintenance
 from shared.db import transaction
-from shared.identity import ensure_account, upsert_user
 from shared.models import ExportJob, ExportState, OutboxMessage
 from shared.settings import Settings
-from shared.storage import Storage, new_object_key, storage_from_url
-from tests.integration.exportdata import make_job
+from shared.storage import Storage, new_object_key
+from tests.support.jobs import account_and_user, job_of, make_job
+from tests.support.storage import local_storage
 
 
 @pytest.fixture(scope="module")
 def storage(tmp_path_factory: pytest.TempPathFactory) -> Storage:
-    store = storage_from_url(Path(tmp_path_factory.mktemp("files")).as_uri())
-    store.prepare()
-    return store
+    return local_storage(Path(tmp_path_factory.mktemp("files")))
 
 
 @pytest.fixture(scope="module")
 def ids(sessions: sessionmaker[Session]) -> dict[str, int]:
-    with transaction(sessions) as session:
-        account = ensure_account(session, slug="house")
-        user = upsert_user(session, email="house@example.test", password="long-enough-pw")
-        return {"account": account.id, "user": user.id}
+    return account_and_user(sessions, "house", "house@example.test")
 
 
 @pytest.fixture
@@ -45,11 +40,6 @@ def maintenance(
 
 def queued_messages(redis_url: str) -> int:
     return int(redis.Redis.from_url(redis_url).llen(f"dramatiq:{EXPORTS_QUEUE}"))
-
-
-def get(sessions: sessionmaker[Session], export_id: object) -> ExportJob:
-    with sessions() as session:
-        return session.get_one(ExportJob, export_id)
 
 
 def test_rescue_requeues_jobs_of_dead_workers_and_fails_exhausted_ones(
@@ -68,14 +58,14 @@ def test_rescue_requeues_jobs_of_dead_workers_and_fails_exhausted_ones(
     exhausted = make_job(sessions, **owner, attempts=3, worker_id="dead", lease_expires_at=past)
     before = queued_messages(redis_url)
     assert maintenance.rescue() == 1
-    assert get(sessions, alive).state is ExportState.RUNNING
-    rescued = get(sessions, crashed)
+    assert job_of(sessions, alive).state is ExportState.RUNNING
+    rescued = job_of(sessions, crashed)
     assert (rescued.state, rescued.worker_id, rescued.error_code) == (
         ExportState.QUEUED,
         None,
         "worker_lost",
     )
-    failed = get(sessions, exhausted)
+    failed = job_of(sessions, exhausted)
     assert (failed.state, failed.error_code) == (ExportState.FAILED, "worker_lost")
     assert queued_messages(redis_url) == before + 1  # a work message for the rescued job only
     with sessions() as session:
@@ -102,10 +92,10 @@ def test_expiry_deletes_the_file_and_marks_the_export_expired(
         keys[name] = (key, export_id)
     assert maintenance.expire() == 1
     old_key, old_id = keys["old"]
-    assert get(sessions, old_id).state is ExportState.EXPIRED
+    assert job_of(sessions, old_id).state is ExportState.EXPIRED
     assert not storage.exists(old_key)
     fresh_key, fresh_id = keys["fresh"]
-    assert get(sessions, fresh_id).state is ExportState.READY and storage.exists(fresh_key)
+    assert job_of(sessions, fresh_id).state is ExportState.READY and storage.exists(fresh_key)
     with sessions() as session:
         types = session.scalars(
             select(OutboxMessage.payload["type"].as_string()).where(

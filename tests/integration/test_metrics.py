@@ -37,8 +37,9 @@ from shared.runner import ExportRunner, RunOutcome
 from shared.seeding import seed_orders
 from shared.settings import Settings
 from shared.signing import SigningKeys, download_path
-from shared.storage import Storage, storage_from_url
-from tests.integration.exportdata import FaultyStorage, make_job
+from shared.storage import Storage
+from tests.support.jobs import make_job
+from tests.support.storage import FaultyStorage, local_storage
 
 ORDERS = 400
 
@@ -85,9 +86,7 @@ def people(sessions: sessionmaker[Session]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def storage(tmp_path_factory: pytest.TempPathFactory) -> Storage:
-    store = storage_from_url(Path(tmp_path_factory.mktemp("files")).as_uri())
-    store.prepare()
-    return store
+    return local_storage(Path(tmp_path_factory.mktemp("files")))
 
 
 def runner_with(
@@ -98,11 +97,20 @@ def runner_with(
     )
 
 
+@pytest.fixture
+def export_id(sessions: sessionmaker[Session], people: dict[str, Any]) -> uuid.UUID:
+    """A new queued export of the account's admin."""
+    return make_job(sessions, account_id=people["account"], user_id=people["admin"])
+
+
+@pytest.fixture
+def runner(settings: Settings, sessions: sessionmaker[Session], storage: Storage) -> ExportRunner:
+    return runner_with(settings, sessions, storage)
+
+
 def test_a_ready_run_counts_rows_bytes_its_duration_and_its_queue_wait(
-    settings: Settings, sessions: sessionmaker[Session], storage: Storage, people: dict[str, Any]
+    runner: ExportRunner, export_id: uuid.UUID, sessions: sessionmaker[Session]
 ) -> None:
-    runner = runner_with(settings, sessions, storage)
-    export_id = make_job(sessions, account_id=people["account"], user_id=people["admin"])
     counts = Counts(
         ("orders_export_rows_total", {}),
         ("orders_export_bytes_total", {}),
@@ -123,10 +131,8 @@ def test_a_ready_run_counts_rows_bytes_its_duration_and_its_queue_wait(
 
 
 def test_the_queue_wait_counts_from_when_the_job_last_entered_the_queue(
-    settings: Settings, sessions: sessionmaker[Session], storage: Storage, people: dict[str, Any]
+    runner: ExportRunner, export_id: uuid.UUID, sessions: sessionmaker[Session]
 ) -> None:
-    runner = runner_with(settings, sessions, storage)
-    export_id = make_job(sessions, account_id=people["account"], user_id=people["admin"])
     now = dt.datetime.now(dt.UTC)
     with transaction(sessions) as session:  # created days ago, back in the queue 90 s ago
         session.execute(
@@ -177,10 +183,8 @@ def test_a_failed_attempt_counts_its_reason_and_the_automatic_retry(
 
 
 def test_an_export_made_inside_a_request_counts_rows_but_is_not_a_worker_run(
-    settings: Settings, sessions: sessionmaker[Session], storage: Storage, people: dict[str, Any]
+    runner: ExportRunner, export_id: uuid.UUID, sessions: sessionmaker[Session]
 ) -> None:
-    runner = runner_with(settings, sessions, storage)
-    export_id = make_job(sessions, account_id=people["account"], user_id=people["admin"])
     counts = Counts(
         ("orders_export_rows_total", {}),
         ("orders_export_job_duration_seconds_count", {"outcome": "ready"}),

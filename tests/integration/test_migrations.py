@@ -10,7 +10,7 @@ from shared.db import transaction
 from shared.identity import ensure_account, upsert_user
 from shared.migrate import alembic_config, upgrade
 from shared.settings import Settings
-from tests.integration.exportdata import make_job
+from tests.support.jobs import make_job
 
 
 def test_models_and_migrations_agree(settings: Settings) -> None:

@@ -9,7 +9,6 @@ import email.policy
 import hashlib
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 from zoneinfo import ZoneInfo
 
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -32,7 +31,6 @@ from shared.devstack.children import python_env
 from shared.devstack.mailsink import MailSink
 from shared.devstack.ports import free_port
 from shared.events import (
-    TOPIC_DEAD_LETTER,
     TOPIC_LIFECYCLE,
     ExportFailed,
     ExportReady,
@@ -51,6 +49,8 @@ from shared.models import ErrorClass, ExportJob, ExportState, Notification, Role
 from shared.notifications import NotificationFailed, Notifier
 from shared.settings import Settings
 from shared.signing import SigningKeys, verify
+from tests.support.kafka import dead_letter
+from tests.support.processes import kill_if_running, terminate
 
 PUBLIC_URL = "http://exports.example.test:8080/"
 TIMEZONE = "Europe/Berlin"
@@ -419,26 +419,7 @@ def test_end_to_end_through_kafka_with_redelivery_and_garbage(
     assert len(sink.messages()) == 1
     assert loop.failed == 0
 
-    consumer = Consumer(
-        {
-            "bootstrap.servers": broker,
-            "group.id": f"test-{uuid.uuid4().hex}",
-            "auto.offset.reset": "earliest",
-            "session.timeout.ms": TEST_SESSION_TIMEOUT_MS,
-            "heartbeat.interval.ms": 500,
-        }
-    )
-    try:
-        consumer.subscribe([TOPIC_DEAD_LETTER])
-        dead: Any = None
-        deadline = time.monotonic() + ARRIVAL_TIMEOUT
-        while dead is None:
-            assert time.monotonic() < deadline, "nothing on the dead-letter topic"
-            message = consumer.poll(0.2)
-            if message is not None and message.error() is None:
-                dead = message
-    finally:
-        consumer.close()
+    dead = dead_letter(broker, timeout=ARRIVAL_TIMEOUT)
     assert (dead.key(), dead.value()) == (b"garbage", garbage)
     headers = dict(dead.headers())
     assert headers["trace-id"] == b"abc"
@@ -537,12 +518,9 @@ def test_notifier_entry_point_sends_and_stops_on_sigterm(
         producer.produce(TOPIC_LIFECYCLE, key=str(export_id).encode(), value=event.encode())
         assert producer.flush(10) == 0
         wait_until(lambda: len(sink.messages()) == 1, what="the email from the notifier process")
-        notifier.send_signal(signal.SIGTERM)
-        assert notifier.wait(20) == 0
+        assert terminate(notifier, 20) == 0
     finally:
-        if notifier.poll() is None:
-            notifier.kill()
-            notifier.wait()
+        kill_if_running(notifier)
     assert "notifier: started" in log_path.read_text()
     assert read_mail(sink.messages()[0])["To"].addresses[0].addr_spec == people.email
 

@@ -10,30 +10,31 @@ import datetime as dt
 import email
 import email.policy
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 from prometheus_client import REGISTRY
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import transaction
 from shared.devstack.ports import free_port
 from shared.emails import MAX_SUMMARY_CHARS
-from shared.events import TOPIC_DEAD_LETTER, TOPIC_LIFECYCLE, ExportReady
+from shared.events import TOPIC_LIFECYCLE, ExportReady
 from shared.filters import MAX_Q_LENGTH, OrderFilters
 from shared.identity import ensure_account, set_membership, upsert_user
 from shared.kafka import ConsumerLoop
 from shared.models import ORDER_CHANNELS, ORDER_STATUSES, ExportState, Notification, Role
 from shared.notifications import Notifier
 from shared.settings import Settings
-from tests.integration.exportdata import make_job
+from tests.support.jobs import make_job
+from tests.support.kafka import dead_letter
+from tests.support.waiting import wait_until
 
 PUBLIC_URL = "http://exports.example.test"
 #: Consumer session timeout for the mock cluster (ms).
@@ -101,13 +102,6 @@ def smtp(recorder: Recorder) -> Iterator[Controller]:
 
 def counter(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-def wait_until(condition: Callable[[], bool], *, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def ready_export(
@@ -263,25 +257,7 @@ def test_an_event_that_always_fails_is_dead_lettered_after_the_bound(
     assert row.status == "failed" and (row.last_error or "").startswith("gave up")
     assert notifier.outcomes[("ready", "failed")] == 1
     # And the message is on the dead-letter topic, untouched, saying why
-    consumer = Consumer(
-        {
-            "bootstrap.servers": broker,
-            "group.id": f"dlq-{run}",
-            "auto.offset.reset": "earliest",
-            "session.timeout.ms": SESSION_TIMEOUT_MS,
-        }
-    )
-    try:
-        consumer.subscribe([TOPIC_DEAD_LETTER])
-        dead: Any = None
-        deadline = time.monotonic() + 30
-        while dead is None or dead.value() != events[0].encode():
-            assert time.monotonic() < deadline, "not on the dead-letter topic"
-            message = consumer.poll(0.2)
-            if message is not None and message.error() is None:
-                dead = message
-    finally:
-        consumer.close()
+    dead = dead_letter(broker, timeout=30, value=events[0].encode())
     headers = dict(dead.headers())
     assert headers["source-topic"] == topic.encode()
     assert b"NotificationFailed" in headers["error"]

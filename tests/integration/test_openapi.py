@@ -4,8 +4,6 @@ schema — never a 5xx — with real path values (the account's slug, an existin
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given
@@ -18,25 +16,21 @@ from services.api.app import app_routes, create_app
 from services.api.openapi import document
 from shared.models import ExportState
 from shared.settings import Settings
-from tests.integration.exportdata import make_job
 from tests.integration.reportdata import Population, populate
+from tests.support.jobs import make_job
 
 load_all_checks()
 #: Every check schemathesis has.
 ALL_CHECKS = CHECKS.get_all()
 
 
+#: What the module's app changes of the test settings (tests/integration/conftest.py).
+APP_SETTINGS = {"export_max_active_per_user": 50}
+
+
 @pytest.fixture(scope="module")
 def population(sessions: sessionmaker[Session]) -> Population:
     return populate(sessions, orders=300)
-
-
-@pytest.fixture(scope="module")
-def app_settings(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    storage = Path(tmp_path_factory.mktemp("storage"))
-    return settings.model_copy(
-        update={"storage_url": storage.as_uri(), "export_max_active_per_user": 50}
-    )
 
 
 #: Requests a schema can call valid but the code refuses (422) by a rule across fields or rows

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import signal
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from shared.events import (
 from shared.models import OutboxMessage
 from shared.outbox import OutboxRelay, add, pending_count
 from shared.settings import Settings
+from tests.support.processes import kill_if_running, terminate
 
 #: Consumer session timeout for the mock cluster (ms; see docs/ENVIRONMENT notes).
 TEST_SESSION_TIMEOUT_MS = 6000
@@ -194,14 +195,25 @@ def test_broker_down_keeps_rows_and_a_new_broker_gets_the_backlog_in_order(
         fresh.stop()
 
 
-def test_run_wakes_up_on_notify(kafka_settings: Settings, sessions: sessionmaker[Session]) -> None:
-    # The fallback poll is a minute, so a quick publish can only come from LISTEN/NOTIFY.
-    relay = OutboxRelay(settings=kafka_settings, sessions=sessions, idle_poll_seconds=60.0)
+@contextlib.contextmanager
+def listening_relay(settings: Settings, sessions: sessionmaker[Session]) -> Iterator[OutboxRelay]:
+    """The relay running in a thread, listening (its fallback poll a minute: a quick publish can
+    only come from LISTEN/NOTIFY); stopped on the way out, and its thread gone."""
+    relay = OutboxRelay(settings=settings, sessions=sessions, idle_poll_seconds=60.0)
     stop = threading.Event()
     thread = threading.Thread(target=relay.run, args=(stop,), name="relay", daemon=True)
     thread.start()
     try:
         assert relay.listening.wait(10)
+        yield relay
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_run_wakes_up_on_notify(kafka_settings: Settings, sessions: sessionmaker[Session]) -> None:
+    with listening_relay(kafka_settings, sessions) as relay:
         delays = []
         for _ in range(2):  # the first round also connects the producer
             with transaction(sessions) as session:
@@ -213,22 +225,13 @@ def test_run_wakes_up_on_notify(kafka_settings: Settings, sessions: sessionmaker
             delays.append(time.monotonic() - committed)
         assert delays[-1] < 1.0, delays
         assert relay.published == 2
-    finally:
-        stop.set()
-        thread.join(10)
-    assert not thread.is_alive()
     assert not relay.listening.is_set()
 
 
 def test_run_survives_a_dropped_listen_connection(
     kafka_settings: Settings, sessions: sessionmaker[Session]
 ) -> None:
-    relay = OutboxRelay(settings=kafka_settings, sessions=sessions, idle_poll_seconds=60.0)
-    stop = threading.Event()
-    thread = threading.Thread(target=relay.run, args=(stop,), name="relay", daemon=True)
-    thread.start()
-    try:
-        assert relay.listening.wait(10)
+    with listening_relay(kafka_settings, sessions) as relay:
         with transaction(sessions) as session:
             killed = session.scalar(
                 text(
@@ -248,10 +251,6 @@ def test_run_survives_a_dropped_listen_connection(
         while any(row.published_at is None for row in outbox_rows(sessions)):
             assert time.monotonic() < deadline, "the relay did not publish after reconnecting"
             time.sleep(0.02)
-    finally:
-        stop.set()
-        thread.join(10)
-    assert not thread.is_alive()
 
 
 def run_relay(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -286,12 +285,9 @@ def test_relay_entry_point_publishes_and_stops_on_sigterm(
         while any(row.published_at is None for row in outbox_rows(sessions)):
             assert time.monotonic() < deadline, "the relay did not publish"
             time.sleep(0.05)
-        relay.send_signal(signal.SIGTERM)
-        assert relay.wait(15) == 0
+        assert terminate(relay, 15) == 0
     finally:
-        if relay.poll() is None:
-            relay.kill()
-            relay.wait()
+        kill_if_running(relay)
 
 
 def test_relay_entry_point_refuses_to_start_without_kafka(

@@ -5,49 +5,33 @@ from __future__ import annotations
 import json
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import transaction
 from shared.devstack.mailsink import MailSink
 from shared.events import decode
 from shared.flags import FlagCache, set_flag
-from shared.identity import ensure_account, set_membership, upsert_user
-from shared.models import ErrorClass, ExportJob, ExportState, OutboxMessage, Role
+from shared.models import ErrorClass, ExportJob, ExportState
 from shared.notifications import Notifier
 from shared.runner import ExportRunner, RunOutcome
-from shared.seeding import seed_orders
 from shared.settings import Settings
-from shared.storage import storage_from_url
-from tests.integration.exportdata import FaultyStorage, make_job
+from tests.support.jobs import events_of, failed_with, job_of, make_job, seeded_admin
+from tests.support.storage import FaultyStorage
 
 ORDERS = 30_000
 
 
 @pytest.fixture(scope="module")
 def ids(sessions: sessionmaker[Session]) -> dict[str, int]:
-    with transaction(sessions) as session:
-        user = upsert_user(session, email="runner@example.test", password="long-enough-pw")
-        result = {"user": user.id}
-        for slug in ("run-a", "run-b", "run-c", "run-d", "run-e", "run-f"):
-            account = ensure_account(session, slug=slug, timezone="Europe/Berlin")
-            set_membership(session, account=account, user=user, role=Role.ADMIN)
-            seed_orders(session, account, orders=ORDERS, seed=3)
-            result[slug] = account.id
-        return result
-
-
-@pytest.fixture
-def storage(tmp_path: Path) -> FaultyStorage:
-    inner = storage_from_url((tmp_path / "files").as_uri())
-    inner.prepare()
-    return FaultyStorage(inner)
+    slugs = ("run-a", "run-b", "run-c", "run-d", "run-e", "run-f")
+    accounts = [(slug, ORDERS, 3) for slug in slugs]
+    return seeded_admin(sessions, "runner@example.test", accounts, timezone="Europe/Berlin")
 
 
 def files_in(storage: FaultyStorage) -> list[Path]:
@@ -64,21 +48,6 @@ def make_runner(
         storage=storage,
         flags=FlagCache(sessions, max_age=0),
     )
-
-
-def job_of(sessions: sessionmaker[Session], export_id: uuid.UUID) -> ExportJob:
-    with sessions() as session:
-        return session.get_one(ExportJob, export_id)
-
-
-def events_of(sessions: sessionmaker[Session], export_id: uuid.UUID) -> list[dict[str, Any]]:
-    with sessions() as session:
-        rows = session.scalars(
-            select(OutboxMessage)
-            .where(OutboxMessage.key == str(export_id))
-            .order_by(OutboxMessage.id)
-        )
-        return [row.payload for row in rows]
 
 
 def test_success_records_file_and_events(
@@ -138,14 +107,8 @@ def test_cancel_stops_a_running_copy_within_seconds(
         time.sleep(0.1)
     from shared import lifecycle
 
-    with transaction(sessions) as session:
-        lifecycle.transition(
-            session,
-            export_id,
-            to=ExportState.CANCELED,
-            expected=[ExportState.RUNNING],
-            actor="user:1",
-        )
+    with transaction(sessions) as session:  # the user cancels it
+        lifecycle.cancel(session, session.get_one(ExportJob, export_id), actor="user:1")
     canceled_at = time.monotonic()
     thread.join(timeout=10)
     assert not thread.is_alive()
@@ -164,12 +127,7 @@ def test_statement_timeout_fails_as_user_fixable(
         export_id
     )
     assert result.outcome is RunOutcome.FAILED
-    job = job_of(sessions, export_id)
-    assert (job.state, job.error_code, job.error_class) == (
-        ExportState.FAILED,
-        "query_timeout",
-        ErrorClass.USER,
-    )
+    job = failed_with(sessions, export_id, "query_timeout", ErrorClass.USER)
     assert "Narrow the filters" in (job.error_message or "")
     assert files_in(storage) == []
     assert events_of(sessions, export_id)[-1]["final"] is True

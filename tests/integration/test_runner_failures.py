@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +25,15 @@ from services.worker.actors import Actors
 from services.worker.maintenance import Maintenance
 from shared.db import transaction
 from shared.devstack.ports import free_port
-from shared.identity import ensure_account, set_membership, upsert_user
-from shared.models import ErrorClass, ExportState, Role
+from shared.identity import ensure_account
+from shared.models import ErrorClass, ExportState
 from shared.runner import ExportRunner, RunOutcome
-from shared.seeding import seed_orders
 from shared.settings import Settings
-from shared.storage import storage_from_url
-from tests.integration.exportdata import FaultyStorage, make_job
-from tests.integration.test_runner import events_of, files_in, job_of, make_runner
+from shared.storage import Storage
+from tests.integration.test_runner import files_in, make_runner
+from tests.support.jobs import events_of, failed_with, job_of, make_job, seeded_admin
+from tests.support.storage import FaultyStorage, local_storage
+from tests.support.waiting import run_together, wait_until
 
 ORDERS = 20_000
 SLUGS = ("fail-a", "fail-b", "fail-c", "fail-d", "fail-e", "fail-f", "fail-g")
@@ -40,22 +41,7 @@ SLUGS = ("fail-a", "fail-b", "fail-c", "fail-d", "fail-e", "fail-f", "fail-g")
 
 @pytest.fixture(scope="module")
 def ids(sessions: sessionmaker[Session]) -> dict[str, int]:
-    with transaction(sessions) as session:
-        user = upsert_user(session, email="failures@example.test", password="long-enough-pw")
-        result = {"user": user.id}
-        for slug in SLUGS:
-            account = ensure_account(session, slug=slug, timezone="UTC")
-            set_membership(session, account=account, user=user, role=Role.ADMIN)
-            seed_orders(session, account, orders=ORDERS, seed=5)
-            result[slug] = account.id
-        return result
-
-
-@pytest.fixture
-def storage(tmp_path: Path) -> FaultyStorage:
-    inner = storage_from_url((tmp_path / "files").as_uri())
-    inner.prepare()
-    return FaultyStorage(inner)
+    return seeded_admin(sessions, "failures@example.test", [(s, ORDERS, 5) for s in SLUGS])
 
 
 def counter(name: str, **labels: str) -> float:
@@ -66,11 +52,33 @@ def heartbeats_of(export_id: uuid.UUID) -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == f"heartbeat-{export_id}" and t.is_alive()]
 
 
-def wait_until(condition: Callable[[], bool], *, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+def interrupted(
+    thread: threading.Thread, results: list[Any], exc: type[BaseException], export_id: uuid.UUID
+) -> list[Any]:
+    """Raise ``exc`` in the run's thread as Dramatiq does (time limit, shutdown); once the run
+    has ended and no heartbeat renews its lease any more: its outcomes."""
+    raise_thread_exception(thread.ident, exc)  # type: ignore[arg-type]
+    thread.join(timeout=15)
+    assert not thread.is_alive()
+    assert heartbeats_of(export_id) == []
+    return [getattr(r, "outcome", r) for r in results]
+
+
+def rescue_until_queued(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    storage: Storage,
+    actors: Actors,
+    export_id: uuid.UUID,
+) -> None:
+    """Housekeeping's rescue, round after round, until the export is back in the queue."""
+    housekeeping = Maintenance(settings=settings, sessions=sessions, storage=storage, actors=actors)
+
+    def rescued() -> bool:
+        housekeeping.rescue()
+        return job_of(sessions, export_id).state is ExportState.QUEUED
+
+    wait_until(rescued, what=f"export {export_id} to be rescued")
 
 
 def run_in_thread(runner: ExportRunner, export_id: uuid.UUID) -> tuple[threading.Thread, list[Any]]:
@@ -111,12 +119,8 @@ def test_time_limit_stops_the_heartbeat_and_fails_the_export_for_good(
     wait_until(lambda: job_of(sessions, export_id).rows_written > 0, what="rows to stream")
     failures = counter("orders_export_failures_total", reason="time_limit")
     # When Dramatiq's time limit interrupts the actor (the same asynchronous exception)
-    raise_thread_exception(thread.ident, TimeLimitExceeded)  # type: ignore[arg-type]
-    thread.join(timeout=15)
     # Then the run ends with a classified, final outcome and nothing keeps renewing the lease
-    assert not thread.is_alive()
-    assert heartbeats_of(export_id) == []
-    assert [getattr(r, "outcome", r) for r in results] == [RunOutcome.FAILED]
+    assert interrupted(thread, results, TimeLimitExceeded, export_id) == [RunOutcome.FAILED]
     job = job_of(sessions, export_id)
     assert (job.state, job.error_code, job.error_class, job.lease_expires_at) == (
         ExportState.FAILED,
@@ -138,11 +142,7 @@ def test_shutdown_interrupt_hands_the_export_back_without_losing_an_attempt(
     runner = make_runner(settings, sessions, storage)
     thread, results = run_in_thread(runner, export_id)
     wait_until(lambda: job_of(sessions, export_id).rows_written > 0, what="rows to stream")
-    raise_thread_exception(thread.ident, Shutdown)  # type: ignore[arg-type]
-    thread.join(timeout=15)
-    assert not thread.is_alive()
-    assert heartbeats_of(export_id) == []
-    assert [getattr(r, "outcome", r) for r in results] == [RunOutcome.HANDED_BACK]
+    assert interrupted(thread, results, Shutdown, export_id) == [RunOutcome.HANDED_BACK]
     job = job_of(sessions, export_id)
     assert (job.state, job.attempts, job.worker_id, job.error_code) == (
         ExportState.QUEUED,
@@ -250,12 +250,7 @@ def test_a_snapshot_that_does_not_load_fails_as_an_engineering_error(
         )
     result = make_runner(settings, sessions, storage).run(export_id)
     assert result.outcome is RunOutcome.FAILED
-    job = job_of(sessions, export_id)
-    assert (job.state, job.error_code, job.error_class) == (
-        ExportState.FAILED,
-        "internal_error",
-        ErrorClass.ENGINEERING,
-    )
+    failed_with(sessions, export_id, "internal_error", ErrorClass.ENGINEERING)
     assert heartbeats_of(export_id) == []
 
 
@@ -364,19 +359,8 @@ def test_a_stalled_copy_lets_its_lease_lapse_and_is_requeued(
     wait_until(lambda: job_of(sessions, export_id).rows_written > 0, what="rows to stream")
     # When the export database host vanishes silently mid-COPY (the primary stays fine)
     proxy.frozen.set()
-    maintenance = Maintenance(
-        settings=settings.model_copy(update=lease),
-        sessions=sessions,
-        storage=storage,
-        actors=actors,
-    )
-
     # Then the lease follows the missing progress: it lapses and housekeeping requeues the job
-    def rescued() -> bool:
-        maintenance.rescue()
-        return job_of(sessions, export_id).state is ExportState.QUEUED
-
-    wait_until(rescued, what="the stalled export to be requeued")
+    rescue_until_queued(settings.model_copy(update=lease), sessions, storage, actors, export_id)
     job = job_of(sessions, export_id)
     assert (job.error_class, job.attempts) == (ErrorClass.RETRYABLE, 1)
     # And once the stuck connection breaks, the old attempt leaves nothing behind
@@ -426,26 +410,14 @@ def test_a_rescued_worker_that_wakes_up_leaves_no_file_and_no_second_ready_event
     actors: Actors,
     tmp_path: Path,
 ) -> None:
-    inner = storage_from_url((tmp_path / "files").as_uri())
-    inner.prepare()
+    inner = local_storage(tmp_path / "files")
     storage = GatedStorage(inner)
     lease = {"export_lease_seconds": 3}
     export_id = make_job(sessions, account_id=ids["fail-g"], user_id=ids["user"])
     # Given a worker frozen mid-upload: no progress, so its lease lapses and it is rescued
     old, results = run_in_thread(make_runner(settings, sessions, storage, **lease), export_id)
     assert storage.reading.wait(30)
-    maintenance = Maintenance(
-        settings=settings.model_copy(update=lease),
-        sessions=sessions,
-        storage=storage,
-        actors=actors,
-    )
-
-    def rescued() -> bool:
-        maintenance.rescue()
-        return job_of(sessions, export_id).state is ExportState.QUEUED
-
-    wait_until(rescued, what="the rescue")
+    rescue_until_queued(settings.model_copy(update=lease), sessions, storage, actors, export_id)
     # When another worker claims it and completes it
     other = FaultyStorage(inner)
     assert make_runner(settings, sessions, other).run(export_id).outcome is RunOutcome.READY
@@ -498,11 +470,7 @@ def test_racing_claims_keep_one_running_export_per_account(
                     if job is not None:
                         claimed.append(job.id)
 
-            threads = [threading.Thread(target=claim, args=(e, barrier, claimed)) for e in queued]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            run_together(claim, [(e, barrier, claimed) for e in queued])
             with sessions() as session:
                 running = session.scalar(
                     text(

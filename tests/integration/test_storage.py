@@ -113,17 +113,6 @@ def _s3_storage(endpoint: str, **overrides: Any) -> S3Storage:
 
 
 @pytest.fixture(scope="module")
-def s3_server() -> Iterator[S3TestServer]:
-    """A real S3-protocol server (moto, expiring presigned URLs) on a free loopback port."""
-    server = S3TestServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
 def moto_endpoint(s3_server: S3TestServer) -> str:
     return s3_server.endpoint
 

@@ -13,7 +13,7 @@ import re
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,6 @@ from shared.identity import ensure_account, set_membership, upsert_user
 from shared.models import (
     ExportJob,
     ExportState,
-    ExportTransition,
     Notification,
     OutboxMessage,
     Role,
@@ -38,8 +37,8 @@ from shared.models import (
 from shared.runner import ExportRunner, RunOutcome
 from shared.seeding import seed_orders
 from shared.settings import Settings
-from shared.storage import storage_from_url
-from tests.integration.exportdata import PATHS, FaultyStorage, make_job
+from tests.support.jobs import PATHS, events_of, history_of, job_of, make_job
+from tests.support.storage import FaultyStorage, local_storage
 
 ORDERS = 300
 RUNBOOK = Path(__file__).resolve().parents[2] / "docs" / "runbook.md"
@@ -47,9 +46,7 @@ RUNBOOK = Path(__file__).resolve().parents[2] / "docs" / "runbook.md"
 
 @pytest.fixture(scope="module")
 def storage(tmp_path_factory: pytest.TempPathFactory) -> FaultyStorage:
-    inner = storage_from_url(Path(tmp_path_factory.mktemp("files")).as_uri())
-    inner.prepare()
-    return FaultyStorage(inner)
+    return FaultyStorage(local_storage(Path(tmp_path_factory.mktemp("files"))))
 
 
 @pytest.fixture(scope="module")
@@ -116,43 +113,29 @@ def cli_json(env: dict[str, str], *args: str) -> Any:
     return json.loads(result.stdout)
 
 
-def failed_for_real(
-    runner: ExportRunner, storage: FaultyStorage, sessions: sessionmaker[Session], **job: Any
-) -> uuid.UUID:
-    """An export whose three attempts all failed to store the file."""
-    export_id = make_job(sessions, **job)
-    storage.failing = True
-    try:
-        outcomes = [runner.run(export_id).outcome for _ in range(3)]
-    finally:
-        storage.failing = False
-    assert outcomes == [RunOutcome.RETRY, RunOutcome.RETRY, RunOutcome.FAILED]
-    return export_id
+#: Makes an export of an account for a user (keys of ``ids``) whose three attempts all failed to
+#: store the file; its id.
+FailedExport = Callable[[str, str], uuid.UUID]
 
 
-def history_of(sessions: sessionmaker[Session], export_id: uuid.UUID) -> list[tuple[Any, ...]]:
-    with sessions() as session:
-        rows = session.execute(
-            select(ExportTransition.to_state, ExportTransition.actor, ExportTransition.detail)
-            .where(ExportTransition.export_id == export_id)
-            .order_by(ExportTransition.id)
-        )
-        return [tuple(row) for row in rows]
+@pytest.fixture
+def failed_export(
+    runner: ExportRunner,
+    storage: FaultyStorage,
+    sessions: sessionmaker[Session],
+    ids: dict[str, int],
+) -> FailedExport:
+    def make(account: str, user: str) -> uuid.UUID:
+        export_id = make_job(sessions, account_id=ids[account], user_id=ids[user])
+        storage.failing = True
+        try:
+            outcomes = [runner.run(export_id).outcome for _ in range(3)]
+        finally:
+            storage.failing = False
+        assert outcomes == [RunOutcome.RETRY, RunOutcome.RETRY, RunOutcome.FAILED]
+        return export_id
 
-
-def job_of(sessions: sessionmaker[Session], export_id: uuid.UUID) -> ExportJob:
-    with sessions() as session:
-        return session.get_one(ExportJob, export_id)
-
-
-def events_of(sessions: sessionmaker[Session], export_id: uuid.UUID) -> list[dict[str, Any]]:
-    with sessions() as session:
-        rows = session.scalars(
-            select(OutboxMessage.payload)
-            .where(OutboxMessage.key == str(export_id))
-            .order_by(OutboxMessage.id)
-        )
-        return list(rows)
+    return make
 
 
 def runbook_anchors() -> set[str]:
@@ -178,16 +161,13 @@ def test_every_exports_command_has_help(env: dict[str, str]) -> None:
 
 def test_show_tells_a_real_failure_attempt_by_attempt(
     env: dict[str, str],
-    runner: ExportRunner,
-    storage: FaultyStorage,
+    failed_export: FailedExport,
     sessions: sessionmaker[Session],
     ids: dict[str, int],
 ) -> None:
     # Given an export that failed three times to store its file, an email that could not be
     # delivered, and a refused download
-    export_id = failed_for_real(
-        runner, storage, sessions, account_id=ids["sup-a"], user_id=ids["admin"]
-    )
+    export_id = failed_export("sup-a", "admin")
     with transaction(sessions) as session:
         session.add(
             Notification(
@@ -388,14 +368,12 @@ def test_retry_and_cancel_follow_the_apis_rules_in_every_state(
 
 def test_support_retry_queues_the_work_and_respects_the_switch(
     env: dict[str, str],
+    failed_export: FailedExport,
     runner: ExportRunner,
-    storage: FaultyStorage,
     sessions: sessionmaker[Session],
     ids: dict[str, int],
 ) -> None:
-    export_id = failed_for_real(
-        runner, storage, sessions, account_id=ids["sup-b"], user_id=ids["admin"]
-    )
+    export_id = failed_export("sup-b", "admin")
     with transaction(sessions) as session:
         set_flag(session, "exports_enabled", False)
     try:
@@ -451,15 +429,12 @@ def test_support_deletes_a_ready_file(
 def test_stats_are_the_dashboards_numbers(
     env: dict[str, str],
     settings: Settings,
-    runner: ExportRunner,
-    storage: FaultyStorage,
+    failed_export: FailedExport,
     sessions: sessionmaker[Session],
     ids: dict[str, int],
 ) -> None:
     # Given a failed export whose email could not be sent twice, and a queued one
-    failed = failed_for_real(
-        runner, storage, sessions, account_id=ids["sup-b"], user_id=ids["other"]
-    )
+    failed = failed_export("sup-b", "other")
     with transaction(sessions) as session:
         session.add(
             Notification(

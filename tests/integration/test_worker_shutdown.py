@@ -5,10 +5,6 @@ and local storage."""
 
 from __future__ import annotations
 
-import os
-import signal
-import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -17,16 +13,14 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.worker.actors import Actors
-from shared.db import transaction
 from shared.flags import FlagCache
-from shared.identity import ensure_account, set_membership, upsert_user
-from shared.models import ExportJob, ExportState, ExportTransition, OutboxMessage, Role
+from shared.models import ExportState, ExportTransition, OutboxMessage
 from shared.runner import ExportRunner, RunOutcome
-from shared.seeding import seed_orders
 from shared.settings import Settings
 from shared.storage import storage_from_url
-from tests.integration.exportdata import make_job
-from tests.support.processes import start_worker
+from tests.support.jobs import job_of, make_job, seeded_admin
+from tests.support.processes import WorkerProcess, kill_if_running, terminate
+from tests.support.waiting import wait_until
 
 #: docker-compose's stop_grace_period for the worker (seconds).
 COMPOSE_STOP_GRACE_SECONDS = int(
@@ -40,62 +34,33 @@ GRACE_SECONDS = 2
 
 @pytest.fixture(scope="module")
 def ids(sessions: sessionmaker[Session]) -> dict[str, int]:
-    with transaction(sessions) as session:
-        user = upsert_user(session, email="shutdown@example.test", password="long-enough-pw")
-        account = ensure_account(session, slug="shutdown", timezone="UTC")
-        set_membership(session, account=account, user=user, role=Role.ADMIN)
-        seed_orders(session, account, orders=5000, seed=11)
-        return {"user": user.id, "account": account.id}
-
-
-def job_of(sessions: sessionmaker[Session], export_id: uuid.UUID) -> ExportJob:
-    with sessions() as session:
-        return session.get_one(ExportJob, export_id)
-
-
-def wait_for(condition: object, *, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+    found = seeded_admin(sessions, "shutdown@example.test", [("shutdown", 5000, 11)])
+    return {"user": found["user"], "account": found["shutdown"]}
 
 
 def test_sigterm_hands_back_an_export_that_cannot_finish_within_the_grace(
     settings: Settings,
     sessions: sessionmaker[Session],
-    redis_url: str,
-    broker: str,
+    run_worker: WorkerProcess,
     actors: Actors,
     ids: dict[str, int],
     tmp_path: Path,
 ) -> None:
-    files = tmp_path / "files"
-    env = {
-        **os.environ,
-        "DATABASE_URL": settings.database_url,
-        "SECRET_KEY": settings.secret_key,
-        "REDIS_URL": redis_url,
-        "KAFKA_BOOTSTRAP_SERVERS": broker,
-        "KAFKA_SESSION_TIMEOUT_MS": "6000",
-        "STORAGE_URL": files.as_uri(),
-        "EXPORT_MAX_BYTES_PER_SECOND": "40000",  # ~600 kB: about 15 s
-        "WORKER_SHUTDOWN_GRACE_SECONDS": str(GRACE_SECONDS),
-    }
-    log_path = tmp_path / "worker.log"
-    worker = start_worker(env, log_path)
+    files, log_path = tmp_path / "files", tmp_path / "worker.log"  # the worker's (conftest)
+    worker = run_worker(
+        EXPORT_MAX_BYTES_PER_SECOND="40000",  # ~600 kB: about 15 s
+        WORKER_SHUTDOWN_GRACE_SECONDS=str(GRACE_SECONDS),
+    )
     try:
         # Given an export the worker is streaming
         export_id = make_job(sessions, account_id=ids["account"], user_id=ids["user"])
         actors.send_generate(str(export_id))
-        wait_for(lambda: job_of(sessions, export_id).rows_written > 0, what="the export to run")
+        wait_until(lambda: job_of(sessions, export_id).rows_written > 0, what="the export to run")
         # When the worker is asked to stop (a deploy)
-        worker.send_signal(signal.SIGTERM)
         # Then it exits cleanly within docker-compose's stop_grace_period
-        assert worker.wait(COMPOSE_STOP_GRACE_SECONDS) == 0
+        assert terminate(worker, COMPOSE_STOP_GRACE_SECONDS) == 0
     finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
+        kill_if_running(worker)
     # And the export is back in the queue at once, its attempt not used up, nothing stored
     job = job_of(sessions, export_id)
     assert (job.state, job.attempts, job.worker_id, job.lease_expires_at, job.error_code) == (

@@ -33,8 +33,9 @@ from shared.db import make_engine, make_sessionmaker, transaction
 from shared.identity import create_token, ensure_account, set_membership, upsert_user
 from shared.models import Role
 from shared.seeding import seed_orders
-from tests.e2e.harness import LiveStack, wait_for
 from tests.faults.support import dramatiq_backlog, metric, metrics, unsettled
+from tests.support.stack import LiveStack
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 

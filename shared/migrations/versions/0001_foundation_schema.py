@@ -1,18 +1,10 @@
-"""foundation schema
-
-Revision ID: 0001
-Revises:
-"""
-
-from collections.abc import Sequence
+"""foundation schema"""
 
 import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0001"
 down_revision: str | None = None
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:

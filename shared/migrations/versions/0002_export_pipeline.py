@@ -1,10 +1,4 @@
-"""export pipeline
-
-Revision ID: 0002
-Revises: 0001
-"""
-
-from collections.abc import Sequence
+"""export pipeline"""
 
 import sqlalchemy as sa
 from alembic import op
@@ -12,8 +6,6 @@ from sqlalchemy.dialects import postgresql
 
 revision: str = "0002"
 down_revision: str | None = "0001"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 # The export state machine, enforced by the database: any UPDATE that changes state along an
 # edge not listed here fails (SQLSTATE OE001), whatever code issued it. shared/lifecycle.py holds

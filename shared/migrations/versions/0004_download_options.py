@@ -1,18 +1,10 @@
-"""downloads: compression option, who deleted a file, ranged and redirected attempts
-
-Revision ID: 0004
-Revises: 0003
-"""
-
-from collections.abc import Sequence
+"""downloads: compression option, who deleted a file, ranged and redirected attempts"""
 
 import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0004"
 down_revision: str | None = "0003"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:

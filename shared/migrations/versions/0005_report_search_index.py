@@ -1,18 +1,10 @@
-"""report search: a pg_trgm GIN index on the text ``q`` searches (number, name, email)
-
-Revision ID: 0005
-Revises: 0004
-"""
-
-from collections.abc import Sequence
+"""report search: a pg_trgm GIN index on the text ``q`` searches (number, name, email)"""
 
 import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005"
 down_revision: str | None = "0004"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 #: Must stay character for character the expression of shared.models.ORDER_SEARCH_DOCUMENT_SQL
 #: (the planner matches an expression index by its expression).

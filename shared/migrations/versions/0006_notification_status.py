@@ -1,18 +1,10 @@
-"""notifications: a status column (pending, sent, skipped, failed) instead of last_error prefixes
-
-Revision ID: 0006
-Revises: 0005
-"""
-
-from collections.abc import Sequence
+"""notifications: a status column (pending, sent, skipped, failed) instead of last_error prefixes"""
 
 import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0006"
 down_revision: str | None = "0005"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 #: The prefixes of ``last_error`` that stood for a status before this revision.
 SKIPPED_PREFIX = "skipped: "

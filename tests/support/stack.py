@@ -13,7 +13,7 @@ import re
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from shared.migrate import upgrade
 from shared.seeding import ensure_demo_data
 from shared.settings import Settings
 from shared.storage import storage_from_url
+from tests.support.waiting import wait_for
 
 #: The product's services (shared/devstack/services.py), by name, in their start order.
 SERVICES: dict[str, ServiceSpec] = {spec.name: spec for spec in PRODUCT_SERVICES}
@@ -48,18 +49,6 @@ FAST_FAILURE_ENV = {
 S3_KEYS = ("stack-access", "stack-secret-key-0123456789")
 #: Services with a Prometheus endpoint of their own (the API serves /metrics on its port).
 METRICS_SERVICES = tuple(spec.name for spec in PRODUCT_SERVICES if spec.metrics_port)
-
-
-def wait_for(check: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.1) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 class LiveStack:
