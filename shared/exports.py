@@ -301,6 +301,51 @@ def make_small_export(
     )
 
 
+@dataclass(frozen=True)
+class Created:
+    """What an export request came to: the export (as it is now), its account, and whether it
+    was already in flight, made inside the request or queued for the workers."""
+
+    job: ExportJob
+    account: Account
+    disposition: Disposition
+
+
+def create_export(
+    sessions: sessionmaker[Session],
+    runner: ExportRunner,
+    *,
+    settings: Settings,
+    flags: FlagCache,
+    user: User,
+    slug: str,
+    body: object,
+    idempotency_key: str | None,
+) -> Created:
+    """The export request use case: record it (:func:`request_export`, committed), then make a
+    small one at once (:func:`make_small_export`: MADE, or QUEUED when a transient failure
+    handed it to the workers). An identical export already in flight is returned as it is."""
+    with sessions() as session:
+        with session.begin():
+            requested = request_export(
+                session,
+                settings=settings,
+                flags=flags,
+                user=user,
+                slug=slug,
+                body=body,
+                idempotency_key=idempotency_key,
+            )
+            job_id, account = requested.job.id, session.get_one(Account, requested.job.account_id)
+        disposition = requested.disposition
+        if disposition is Disposition.IN_FLIGHT:
+            return Created(requested.job, account, disposition)
+        if requested.inline:
+            disposition = make_small_export(sessions, runner, job_id)
+        job = session.get_one(ExportJob, job_id, populate_existing=True)
+        return Created(job, account, disposition)
+
+
 def get_for_admin(session: Session, export_id: str, user: User) -> tuple[ExportJob, Account]:
     """The export, if the user is an admin of its account right now (else NotFound)."""
     job, account, role = export_for(session, export_id, user)

@@ -85,25 +85,17 @@ def create(
     ``caller`` was identified before the body was read; a cookie's write is CSRF-checked here."""
     check_csrf(request, caller, submitted_csrf)
     state = api_state(request)
-    with state.sessions() as session:
-        with session.begin():
-            requested = exports.request_export(
-                session,
-                settings=state.settings,
-                flags=state.flags,
-                user=caller.user,
-                slug=request.path_params["slug"],
-                body=body,
-                idempotency_key=idempotency_key,
-            )
-            job_id, account = requested.job.id, session.get_one(Account, requested.job.account_id)
-        disposition = requested.disposition
-        if disposition is exports.Disposition.IN_FLIGHT:
-            return Created(requested.job, account, caller, STATUSES[disposition])
-        if requested.inline:
-            disposition = exports.make_small_export(state.sessions, state.runner, job_id)
-        job = session.get_one(ExportJob, job_id, populate_existing=True)
-        return Created(job, account, caller, STATUSES[disposition])
+    created = exports.create_export(
+        state.sessions,
+        state.runner,
+        settings=state.settings,
+        flags=state.flags,
+        user=caller.user,
+        slug=request.path_params["slug"],
+        body=body,
+        idempotency_key=idempotency_key,
+    )
+    return Created(created.job, created.account, caller, STATUSES[created.disposition])
 
 
 def _create(
