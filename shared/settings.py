@@ -100,7 +100,7 @@ class Settings(BaseSettings):
         DEFAULT_STATEMENT_TIMEOUT_SECONDS, ge=1, le=MAX_STATEMENT_TIMEOUT_SECONDS
     )
     #: On SIGTERM, how long running exports may go on before they are handed back to the queue
-    #: (seconds; the whole stop must fit docker-compose's ``stop_grace_period`` of 30 s).
+    #: (seconds; the whole stop must fit docker-compose's ``stop_grace_period`` of 35 s).
     worker_shutdown_grace_seconds: int = Field(15, ge=0, le=MAX_SHUTDOWN_GRACE_SECONDS)
     #: Longest a Kafka consumer retries one failing message before it is dead-lettered (seconds):
     #: no single message holds up its partition for longer.
