@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -314,28 +315,15 @@ class Created:
 def create_export(
     sessions: sessionmaker[Session],
     runner: ExportRunner,
-    *,
-    settings: Settings,
-    flags: FlagCache,
-    user: User,
-    slug: str,
-    body: object,
-    idempotency_key: str | None,
+    record: Callable[[Session], Requested],
 ) -> Created:
-    """The export request use case: record it (:func:`request_export`, committed), then make a
-    small one at once (:func:`make_small_export`: MADE, or QUEUED when a transient failure
-    handed it to the workers). An identical export already in flight is returned as it is."""
+    """The export request use case: record it (``record``: :func:`request_export` with the
+    request's arguments bound; committed here), then make a small one at once
+    (:func:`make_small_export`: MADE, or QUEUED when a transient failure handed it to the
+    workers). An identical export already in flight is returned as it is."""
     with sessions() as session:
         with session.begin():
-            requested = request_export(
-                session,
-                settings=settings,
-                flags=flags,
-                user=user,
-                slug=slug,
-                body=body,
-                idempotency_key=idempotency_key,
-            )
+            requested = record(session)
             job_id, account = requested.job.id, session.get_one(Account, requested.job.account_id)
         disposition = requested.disposition
         if disposition is Disposition.IN_FLIGHT:

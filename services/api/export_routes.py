@@ -85,9 +85,8 @@ def create(
     ``caller`` was identified before the body was read; a cookie's write is CSRF-checked here."""
     check_csrf(request, caller, submitted_csrf)
     state = api_state(request)
-    created = exports.create_export(
-        state.sessions,
-        state.runner,
+    record = functools.partial(
+        exports.request_export,
         settings=state.settings,
         flags=state.flags,
         user=caller.user,
@@ -95,6 +94,7 @@ def create(
         body=body,
         idempotency_key=idempotency_key,
     )
+    created = exports.create_export(state.sessions, state.runner, record)
     return Created(created.job, created.account, caller, STATUSES[created.disposition])
 
 
