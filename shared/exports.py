@@ -188,18 +188,31 @@ ESTIMATE_MARGIN = 4
 
 
 def _request_size(
-    session: Session, account: Account, filters: OrderFilters, *, budget: int
-) -> tuple[int, int | None]:
-    """(rows, the planner's estimate or None): rows exact up to ``budget``, ``budget + 1``
-    meaning "more". The estimate comes first: a request on a big account then skips the
-    bounded count (reading up to ``budget`` rows, most of a request's time). A wrong estimate
-    can only send an export to the normal lane and the workers instead of the fast lane or the
-    request; the row cap above the budget is the estimate's in either case, and the worker
-    enforces it exactly."""
+    session: Session, account: Account, filters: OrderFilters, *, settings: Settings
+) -> int:
+    """The request's rows, exact up to the count budget, ``budget + 1`` meaning "more"; more
+    than EXPORT_MAX_ROWS raises TooManyRows.
+
+    The planner's estimate comes first: a request on a big account then skips the bounded count
+    (reading up to ``budget`` rows, most of a request's time). A wrong estimate can only send an
+    export to the normal lane and the workers instead of the fast lane or the request; above the
+    budget the row cap is the estimate's either way, and the worker enforces it exactly."""
+    budget = count_budget(settings)
     estimate = None if filters.q else estimate_rows(session, account, filters)
     if estimate is not None and estimate > ESTIMATE_MARGIN * budget:
-        return budget + 1, estimate
-    return count_rows(session, account, filters, bound=budget + 1), estimate
+        rows = budget + 1
+    else:
+        rows = count_rows(session, account, filters, bound=budget + 1)
+    if rows > budget and estimate is None:
+        estimate = estimate_rows(session, account, filters)
+    if rows > settings.export_max_rows or (
+        estimate is not None and rows > budget and estimate > settings.export_max_rows
+    ):
+        raise TooManyRows(
+            f"this export would have more than {settings.export_max_rows:,} rows; "
+            "narrow the filters (the file would never be cut short)"
+        )
+    return rows
 
 
 def request_export(
@@ -234,17 +247,7 @@ def request_export(
     _check_active_cap(session, settings=settings, user=user)
 
     threshold = settings.export_async_threshold_rows
-    budget = count_budget(settings)
-    rows, estimate = _request_size(session, account, filters, budget=budget)
-    if rows > settings.export_max_rows or (
-        rows > budget
-        and (estimate_rows(session, account, filters) if estimate is None else estimate)
-        > settings.export_max_rows
-    ):
-        raise TooManyRows(
-            f"this export would have more than {settings.export_max_rows:,} rows; "
-            "narrow the filters (the file would never be cut short)"
-        )
+    rows = _request_size(session, account, filters, settings=settings)
     inline = rows <= threshold
     if inline:
         _check_inline_rate(session, settings=settings, user=user)
