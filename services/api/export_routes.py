@@ -61,17 +61,6 @@ STATUSES = {
 }
 
 
-@dataclass(frozen=True)
-class Created:
-    """An export request's outcome: the export and the HTTP status that tells what happened."""
-
-    job: ExportJob
-    account: Account
-    caller: Caller
-    #: 200 an identical export already in flight, 201 made in the request, 202 queued.
-    status: int
-
-
 def create(
     request: Request,
     caller: Caller,
@@ -79,8 +68,9 @@ def create(
     idempotency_key: str | None,
     *,
     submitted_csrf: str | None = None,
-) -> Created:
-    """Record an export request (and make a small one right away); used by the API and the form.
+) -> exports.Created:
+    """Record an export request (and make a small one right away); used by the API and the form
+    (its HTTP status: ``STATUSES[created.disposition]``).
 
     ``caller`` was identified before the body was read; a cookie's write is CSRF-checked here."""
     check_csrf(request, caller, submitted_csrf)
@@ -94,16 +84,15 @@ def create(
         body=body,
         idempotency_key=idempotency_key,
     )
-    created = exports.create_export(state.sessions, state.runner, record)
-    return Created(created.job, created.account, caller, STATUSES[created.disposition])
+    return exports.create_export(state.sessions, state.runner, record)
 
 
 def _create(
     request: Request, caller: Caller, body: object, idempotency_key: str | None
 ) -> tuple[dict[str, Any], int]:
     created = create(request, caller, body, idempotency_key)
-    export = export_json(request, created.job, created.account, created.caller)
-    return {"export": export}, created.status
+    export = export_json(request, created.job, created.account, caller)
+    return {"export": export}, STATUSES[created.disposition]
 
 
 async def create_export(request: Request) -> Response:

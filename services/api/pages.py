@@ -139,7 +139,9 @@ def _request_export(request: Request, caller: Caller, form: FormData) -> Respons
     if created.job.state is ExportState.FAILED:  # made in the request, and it failed
         exportviews.flash(request, f"Export failed: {created.job.error_message}", kind="error")
     else:
-        exportviews.flash(request, exportviews.REQUESTED[created.status])
+        exportviews.flash(
+            request, exportviews.REQUESTED[export_routes.STATUSES[created.disposition]]
+        )
     return redirect(
         exportviews.report_url(created.account.slug, from_snapshot(created.job.filters))
     )
