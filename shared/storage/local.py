@@ -14,6 +14,9 @@ from shared.storage import CHUNK_BYTES, Storage, check_key, check_range
 
 #: Suffix of the temporary files that ``put`` writes before renaming them into place.
 TEMP_SUFFIX = ".part"
+#: ``put`` hands what it wrote to the kernel's writeback (and out of the page cache) every this
+#: many bytes: a GB export neither fills the page cache nor leaves it all to the final fsync.
+WRITE_BEHIND_BYTES = 8 * 1024 * 1024
 
 
 class LocalStorage(Storage):
@@ -40,7 +43,11 @@ class LocalStorage(Storage):
             raise StorageError("cannot create the storage directory") from exc
 
     def put(self, key: str, stream: BinaryIO) -> int:
-        """Write to a temporary file beside the target, fsync it, then rename it into place."""
+        """Write to a temporary file beside the target, fsync it, then rename it into place.
+
+        Written pages go to disk as the write proceeds and leave the page cache (see
+        :func:`_write_behind`), so the database's cached pages on the same host stay cached.
+        """
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,6 +61,7 @@ class LocalStorage(Storage):
             with os.fdopen(fd, "wb") as out:
                 size = _copy(stream, out)
                 _sync(out.fileno())
+                _write_behind(out.fileno())
             _rename(temp, path)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -118,14 +126,28 @@ class LocalStorage(Storage):
 
 def _copy(stream: BinaryIO, out: BinaryIO) -> int:
     """Copy ``stream`` to ``out`` chunk by chunk; errors of the source propagate unchanged."""
-    size = 0
+    size = behind = 0
     while chunk := stream.read(CHUNK_BYTES):
         try:
             out.write(chunk)
+            size += len(chunk)
+            if size - behind >= WRITE_BEHIND_BYTES:
+                out.flush()
+                _write_behind(out.fileno())
+                behind = size
         except OSError as exc:
             raise StorageError("cannot write to the storage directory") from exc
-        size += len(chunk)
     return size
+
+
+def _write_behind(fd: int) -> None:
+    """Start writing the file's dirty pages to disk now and drop its clean ones from the page
+    cache (``POSIX_FADV_DONTNEED``): pages written back since the last call are recycled instead
+    of new ones being taken, and the final fsync has little left to wait for. A hint only:
+    nothing changes where the call does not exist (not Linux)."""
+    if hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def _sync(fd: int) -> None:
