@@ -57,6 +57,15 @@ ORDER_SEARCH_DOCUMENT_SQL = (
 )
 #: Name of the trigram index on the search document.
 ORDER_SEARCH_INDEX = "orders_search_trgm_idx"
+#: Statistics target of the search document (PostgreSQL's default is 100). The planner guesses
+#: how many orders match ``LIKE '%q%'`` from the document's histogram: with 101 bounds, one
+#: sampled match of a rare search (``q=a-0499``, 100 orders of 500k) reads as 1 order in 100,
+#: and the planner walks a sort's index filtering every order instead of sorting the few the
+#: trigram index finds (0.3-1.4 s instead of 2 ms, after about 1 ANALYZE in 30). With 1,001
+#: bounds the same sample reads as 1 in 1,000, which keeps the trigram plan; ANALYZE then
+#: samples 300,000 rows instead of 30,000 (docs/performance.md). Migration 0007 sets it; a
+#: rebuilt index (shared.seeding.build_search_index) gets it again.
+ORDER_SEARCH_STATISTICS = 1000
 
 
 def _now() -> Mapped[dt.datetime]:

@@ -9,8 +9,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.db import transaction
 from shared.identity import ensure_account, upsert_user
 from shared.migrate import alembic_config, upgrade
+from shared.models import ORDER_SEARCH_STATISTICS
 from shared.settings import Settings
 from tests.support.jobs import make_job
+from tests.support.reports import search_statistics
 
 
 def test_models_and_migrations_agree(settings: Settings) -> None:
@@ -23,6 +25,18 @@ def test_downgrade_to_base_and_back(settings: Settings) -> None:
     command.downgrade(config, "base")
     upgrade(settings.database_url)
     command.check(config)
+
+
+def test_the_search_document_gets_its_statistics_target(
+    settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    config = alembic_config(settings.database_url)
+    command.downgrade(config, "0007-1")
+    with sessions() as session:
+        assert search_statistics(session)[0] in {None, -1}  # the default target (100)
+    upgrade(settings.database_url)
+    with sessions() as session:
+        assert search_statistics(session)[0] == ORDER_SEARCH_STATISTICS
 
 
 def test_email_records_move_from_last_error_prefixes_to_the_status_column(

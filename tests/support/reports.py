@@ -9,7 +9,11 @@ from __future__ import annotations
 import unicodedata
 from typing import Any, Protocol
 
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
 from shared.columns import COLUMNS, Kind
+from shared.models import ORDER_SEARCH_INDEX
 
 #: Formula triggers, full-width forms included; an independent copy of the product's rule.
 TRIGGERS = ("=", "+", "-", "@", "\t", "\r", "\uff1d", "\uff0b", "\uff0d", "\uff20")
@@ -64,3 +68,22 @@ def guarded_value(value: str) -> str:
 def guarded(row: list[str]) -> list[str]:
     """A report row as the export writes it (the guard on the text columns only)."""
     return [guarded_value(v) if i in TEXT_POSITIONS else v for i, v in enumerate(row)]
+
+
+def search_statistics(session: Session) -> tuple[int | None, int | None]:
+    """(statistics target, histogram bounds ANALYZE kept) of the ``q`` search's expression."""
+    target = session.scalar(
+        text(
+            "SELECT attstattarget FROM pg_attribute"
+            " WHERE attrelid = CAST(:index AS regclass) AND attnum = 1"
+        ),
+        {"index": ORDER_SEARCH_INDEX},
+    )
+    bounds = session.scalar(
+        text(
+            "SELECT cardinality(CAST(CAST(histogram_bounds AS text) AS text[])) FROM pg_stats"
+            " WHERE tablename = :index"
+        ),
+        {"index": ORDER_SEARCH_INDEX},
+    )
+    return target, bounds
