@@ -66,7 +66,7 @@ from shared.db import sqlalchemy_url
 from shared.devstack.stack import JOINED
 from shared.filters import OrderFilters, parse_filters
 from shared.models import Account, ExportJob, Order
-from shared.report import DEFAULT_PAGE_SIZE, explain, page_select
+from shared.report import DEFAULT_PAGE_SIZE, explain, page_select, search_terms
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -381,11 +381,17 @@ def explain_report_queries(database_url: str) -> list[dict[str, Any]]:
         account = session.scalars(select(Account).where(Account.slug == "acme")).one()
         for params in REPORT_QUERIES:
             raw = {k: v if isinstance(v, list) else [v] for k, v in params.items()}
-            query = page_select(account, parse_filters(raw), limit=DEFAULT_PAGE_SIZE)
+            filters = parse_filters(raw)
+            started = time.perf_counter()
+            terms = search_terms(session, account, filters.q)
+            terms_ms = (time.perf_counter() - started) * 1000
+            query = page_select(account, filters, limit=DEFAULT_PAGE_SIZE, terms=terms)
             plan = explain(session, query, analyze=True)[0]
             found.append(
                 {
                     "query": params,
+                    "search_terms": None if terms is None else len(terms.names + terms.emails),
+                    "search_terms_ms": round(terms_ms, 3) if filters.q else None,
                     "execution_ms": plan["Execution Time"],
                     "planning_ms": plan["Planning Time"],
                     "plan": _plan_lines(plan["Plan"]),
@@ -691,24 +697,24 @@ SCALE_EXPORTS = 40
 
 def seed_scale_accounts(database_url: str, *, accounts: int, orders: int) -> None:
     """``accounts`` accounts of ``orders`` orders, the benchmark user admin of each; the search
-    index is dropped for the whole load and built once at the end."""
+    indexes are dropped for the whole load and built once at the end."""
     from sqlalchemy import text
 
     from shared.identity import ensure_account, find_user, set_membership
-    from shared.models import ORDER_SEARCH_INDEX, Role
-    from shared.seeding import build_search_index, seed_orders
+    from shared.models import Role
+    from shared.seeding import build_search_indexes, drop_search_indexes, seed_orders
 
     engine = create_engine(sqlalchemy_url(database_url))
     with Session(engine) as session, session.begin():
         user = find_user(session, "admin@acme.test")
         assert user is not None
-        session.execute(text(f"DROP INDEX IF EXISTS {ORDER_SEARCH_INDEX}"))
+        drop_search_indexes(session)
         for n in range(accounts):
             account = ensure_account(session, slug=f"scale-{n:02d}", name=f"Scale {n}")
             set_membership(session, account=account, user=user, role=Role.ADMIN)
             seed_orders(session, account, orders=orders, seed=n, rebuild_index=False)
         session.execute(text("SET LOCAL maintenance_work_mem = '256MB'"))
-        build_search_index(session)
+        build_search_indexes(session)
         session.execute(text("ANALYZE orders"))
     engine.dispose()
 

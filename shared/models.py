@@ -64,8 +64,20 @@ ORDER_SEARCH_INDEX = "orders_search_trgm_idx"
 #: trigram index finds (0.3-1.4 s instead of 2 ms, after about 1 ANALYZE in 30). With 1,001
 #: bounds the same sample reads as 1 in 1,000, which keeps the trigram plan; ANALYZE then
 #: samples 300,000 rows instead of 30,000 (docs/performance.md). Migration 0007 sets it; a
-#: rebuilt index (shared.seeding.build_search_index) gets it again.
+#: rebuilt index (shared.seeding.build_search_indexes) gets it again.
 ORDER_SEARCH_STATISTICS = 1000
+#: Trigram index on the lowercased order number alone: the part of a ``q`` search that the
+#: distinct customers (:class:`OrderSearchTerm`) do not answer. Same statistics target.
+ORDER_NUMBER_INDEX = "orders_number_trgm_idx"
+#: B-tree indexes the report reads for the customers a search found (``= ANY(...)``).
+ORDER_EMAIL_INDEX = "orders_account_customer_email_idx"
+ORDER_NAME_INDEX = "orders_account_customer_name_idx"
+#: Every index of orders that serves ``q`` (bulk seeding drops and rebuilds them all).
+ORDER_SEARCH_INDEXES = (ORDER_SEARCH_INDEX, ORDER_NUMBER_INDEX, ORDER_EMAIL_INDEX, ORDER_NAME_INDEX)
+#: The expression indexes that get :data:`ORDER_SEARCH_STATISTICS`.
+ORDER_SEARCH_STATISTICS_INDEXES = (ORDER_SEARCH_INDEX, ORDER_NUMBER_INDEX)
+#: What an :class:`OrderSearchTerm` holds: a customer name or a customer email.
+SEARCH_TERM_KINDS = ("name", "email")
 
 
 def _now() -> Mapped[dt.datetime]:
@@ -193,6 +205,45 @@ class Order(Base):
             literal_column(ORDER_SEARCH_DOCUMENT_SQL).label("search_document"),
             postgresql_using="gin",
             postgresql_ops={"search_document": "gin_trgm_ops"},
+        ),
+        # A search's number part, and the orders of the customers it found (migration 0008).
+        Index(
+            ORDER_NUMBER_INDEX,
+            literal_column("lower(number)").label("search_number"),
+            postgresql_using="gin",
+            postgresql_ops={"search_number": "gin_trgm_ops"},
+        ),
+        Index(ORDER_EMAIL_INDEX, "account_id", "customer_email"),
+        Index(ORDER_NAME_INDEX, "account_id", "customer_name"),
+    )
+
+
+class OrderSearchTerm(Base):
+    """A distinct customer name or email among an account's orders, for the report's ``q``.
+
+    An account of millions of orders has tens of thousands of customers: a search looks for the
+    matching names and emails here (trigram index) and then reads their orders through the
+    B-tree indexes, instead of walking the posting lists of trigrams every order shares
+    (``customer``, ``example.test``). A statement trigger on orders adds the names and emails
+    of every INSERT and UPDATE in the same transaction (migration 0008); nothing removes them,
+    so a term may name a customer with no orders left, which matches nothing.
+    """
+
+    __tablename__ = "order_search_terms"
+
+    account_id: Mapped[int] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True
+    )
+    kind: Mapped[str] = mapped_column(Text, primary_key=True)
+    value: Mapped[str] = mapped_column(Text, primary_key=True)
+
+    __table_args__ = (
+        CheckConstraint("kind IN ('name', 'email')", name="kind_known"),
+        Index(
+            "order_search_terms_trgm_idx",
+            literal_column("lower(value)").label("search_value"),
+            postgresql_using="gin",
+            postgresql_ops={"search_value": "gin_trgm_ops"},
         ),
     )
 

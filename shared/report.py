@@ -11,13 +11,22 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import ColumnElement, Select, bindparam, func, literal_column, select, tuple_
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    bindparam,
+    func,
+    literal_column,
+    or_,
+    select,
+    tuple_,
+)
 from sqlalchemy.orm import Session
 
 from shared.columns import COLUMNS, display_columns
 from shared.errors import ValidationError
 from shared.filters import SORTS, OrderFilters, parse_money
-from shared.models import ORDER_SEARCH_DOCUMENT_SQL, Account, Order
+from shared.models import ORDER_SEARCH_DOCUMENT_SQL, Account, Order, OrderSearchTerm
 
 #: Rows per report page unless the caller asks otherwise.
 DEFAULT_PAGE_SIZE = 100
@@ -25,6 +34,10 @@ DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 #: Largest value of a bigint column (order ids in cursors).
 MAX_BIGINT = 2**63 - 1
+#: Most distinct names plus emails a ``q`` search reads through their B-tree indexes; a search
+#: matching more customers (``example.test``) matches so many orders that walking the sort's
+#: index and testing the search document finds a page at once.
+MAX_SEARCH_TERMS = 256
 
 
 @dataclass(frozen=True)
@@ -48,8 +61,67 @@ def _like_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def filter_conditions(account: Account, filters: OrderFilters) -> list[ColumnElement[bool]]:
-    """WHERE conditions of the report for one account (always scoped to that account)."""
+@dataclass(frozen=True)
+class SearchTerms:
+    """The customer names and emails of an account that contain a ``q`` search (sorted)."""
+
+    names: tuple[str, ...]
+    emails: tuple[str, ...]
+
+
+def _search_pattern(q: str) -> str:
+    return "%" + _like_escape(q.lower()) + "%"
+
+
+def search_terms(session: Session, account: Account, q: str | None) -> SearchTerms | None:
+    """The names and emails of ``account`` containing ``q``, case-insensitively (trigram index
+    over the distinct ones); None without ``q`` or when more than :data:`MAX_SEARCH_TERMS`
+    match (the conditions then test the search document instead)."""
+    if not q:
+        return None
+    rows = session.execute(
+        select(OrderSearchTerm.kind, OrderSearchTerm.value)
+        .where(
+            OrderSearchTerm.account_id == account.id,
+            func.lower(OrderSearchTerm.value).like(_search_pattern(q), escape="\\"),
+        )
+        .limit(MAX_SEARCH_TERMS + 1)
+    ).all()
+    if len(rows) > MAX_SEARCH_TERMS:
+        return None
+    found = {kind: sorted(value for k, value in rows if k == kind) for kind in ("name", "email")}
+    return SearchTerms(names=tuple(found["name"]), emails=tuple(found["email"]))
+
+
+def _search_condition(filters: OrderFilters, terms: SearchTerms | None) -> ColumnElement[bool]:
+    """``q`` as a substring of the number, the customer's name or email (case-insensitive).
+
+    With ``terms`` (:func:`search_terms` of the same ``q``): the number's trigram index or the
+    orders of those customers; the arrays are literal values, so the planner estimates them
+    from the columns' statistics like any ``IN`` list. Without: the search document (its
+    trigram index, or a filter on the sort's index walk when many orders match).
+    """
+    assert filters.q
+    pattern = _search_pattern(filters.q)
+    if terms is None:
+        document: ColumnElement[str] = literal_column(ORDER_SEARCH_DOCUMENT_SQL)
+        return document.like(pattern, escape="\\")
+    alternatives = [func.lower(Order.number).like(pattern, escape="\\")]
+    if terms.names:
+        alternatives.append(Order.customer_name.in_(terms.names))
+    if terms.emails:
+        alternatives.append(Order.customer_email.in_(terms.emails))
+    return or_(*alternatives)
+
+
+def filter_conditions(
+    account: Account, filters: OrderFilters, terms: SearchTerms | None = None
+) -> list[ColumnElement[bool]]:
+    """WHERE conditions of the report for one account (always scoped to that account).
+
+    ``terms``: :func:`search_terms` of ``filters.q``, looked up once per request (without, a
+    ``q`` search tests the search document, as the export's COPY does).
+    """
     conditions: list[ColumnElement[bool]] = [Order.account_id == account.id]
     if filters.status:
         conditions.append(Order.status.in_(filters.status))
@@ -61,9 +133,7 @@ def filter_conditions(account: Account, filters: OrderFilters) -> list[ColumnEle
         next_day = filters.placed_to + dt.timedelta(days=1)
         conditions.append(Order.placed_at < _local_midnight(next_day, account.timezone))
     if filters.q:
-        pattern = "%" + _like_escape(filters.q.lower()) + "%"
-        document: ColumnElement[str] = literal_column(ORDER_SEARCH_DOCUMENT_SQL)
-        conditions.append(document.like(pattern, escape="\\"))
+        conditions.append(_search_condition(filters, terms))
     if filters.min_total is not None:
         conditions.append(Order.total >= filters.min_total)
     if filters.max_total is not None:
@@ -84,13 +154,17 @@ def _order_by(filters: OrderFilters) -> list[ColumnElement[Any]]:
 
 
 def report_select(
-    account: Account, filters: OrderFilters, *, guard_formulas: bool
+    account: Account,
+    filters: OrderFilters,
+    *,
+    guard_formulas: bool,
+    terms: SearchTerms | None = None,
 ) -> Select[*tuple[Any, ...]]:
     """The report's rows as display strings, in report order (the export's COPY source)."""
     timezone: ColumnElement[str] = bindparam("account_timezone", account.timezone)
     query: Select[*tuple[Any, ...]] = (
         select(*display_columns(timezone, guard_formulas=guard_formulas))
-        .where(*filter_conditions(account, filters))
+        .where(*filter_conditions(account, filters, terms))
         .order_by(*_order_by(filters))
     )
     return query
@@ -136,11 +210,16 @@ def _decode_cursor(cursor: str, filters: OrderFilters) -> tuple[Any, int]:
 
 
 def page_select(
-    account: Account, filters: OrderFilters, *, limit: int, cursor: str | None = None
+    account: Account,
+    filters: OrderFilters,
+    *,
+    limit: int,
+    cursor: str | None = None,
+    terms: SearchTerms | None = None,
 ) -> Select[*tuple[Any, ...]]:
     """The query of one report page: ``limit + 1`` rows (the extra one tells a next page)."""
     sort_column, descending = _sort_key(filters)
-    query = report_select(account, filters, guard_formulas=False).add_columns(
+    query = report_select(account, filters, guard_formulas=False, terms=terms).add_columns(
         sort_column.label("_sort_value"), Order.id.label("_order_id")
     )
     if cursor:
@@ -160,7 +239,8 @@ def fetch_page(
     cursor: str | None = None,
 ) -> ReportPage:
     """One page of the report, walking the sort's index from ``cursor`` (keyset pagination)."""
-    query = page_select(account, filters, limit=limit, cursor=cursor)
+    terms = search_terms(session, account, filters.q)
+    query = page_select(account, filters, limit=limit, cursor=cursor, terms=terms)
     result = session.execute(query).mappings().all()
     keys = [c.key for c in COLUMNS]
     rows = [{key: row[key] for key in keys} for row in result[:limit]]
@@ -171,14 +251,19 @@ def fetch_page(
     return ReportPage(column_headers(account.timezone), rows, next_cursor)
 
 
-def count_select(account: Account, filters: OrderFilters, *, bound: int) -> Select[int]:
+def count_select(
+    account: Account, filters: OrderFilters, *, bound: int, terms: SearchTerms | None = None
+) -> Select[int]:
     """Matching rows, counting no further than ``bound`` (never a full scan of a big account)."""
-    inner = select(Order.id).where(*filter_conditions(account, filters)).limit(bound).subquery()
+    conditions = filter_conditions(account, filters, terms)
+    inner = select(Order.id).where(*conditions).limit(bound).subquery()
     return select(func.count()).select_from(inner)
 
 
 def count_rows(session: Session, account: Account, filters: OrderFilters, *, bound: int) -> int:
-    return int(session.execute(count_select(account, filters, bound=bound)).scalar_one())
+    terms = search_terms(session, account, filters.q)
+    query = count_select(account, filters, bound=bound, terms=terms)
+    return int(session.execute(query).scalar_one())
 
 
 def explain(session: Session, query: Select[Any], *, analyze: bool = False) -> Any:

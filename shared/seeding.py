@@ -5,10 +5,13 @@ Every value is a function of (seed, row number) through ``hashint8extended``, so
 period, as in a real shop; this also keeps three of the four indexes append-only, which makes
 500,000 orders take seconds.
 
-The ``q`` search's trigram index (``orders_search_trgm_idx``) costs far more to keep up to date
-row by row than to build once, so a bulk load that at least doubles the orders table drops it
-and builds it again after the insert (in the same transaction; readers of ``orders`` wait for
-the seed to commit). Smaller loads insert with the index in place, as production inserts do.
+The ``q`` search's indexes (``ORDER_SEARCH_INDEXES``: the trigram indexes of the search document
+and the number, the B-trees of the customer's name and email) cost far more to keep up to date
+row by row than to build once, so a bulk load that at least doubles the orders table drops them
+and builds them again after the insert (in the same transaction; readers of ``orders`` wait for
+the seed to commit). Smaller loads insert with the indexes in place, as production inserts do.
+The distinct names and emails (``order_search_terms``) follow by the orders' statement trigger
+either way: one ``INSERT ... SELECT`` adds each distinct term once.
 """
 
 from __future__ import annotations
@@ -18,7 +21,15 @@ from sqlalchemy.orm import Session
 from sqlalchemy.schema import CreateIndex
 
 from shared.identity import ensure_account, find_user, set_membership, upsert_user
-from shared.models import ORDER_SEARCH_INDEX, ORDER_SEARCH_STATISTICS, Account, Base, Order, Role
+from shared.models import (
+    ORDER_SEARCH_INDEXES,
+    ORDER_SEARCH_STATISTICS,
+    ORDER_SEARCH_STATISTICS_INDEXES,
+    Account,
+    Base,
+    Order,
+    Role,
+)
 from shared.settings import Settings
 
 #: Demo login of the account admin (also in the README).
@@ -47,9 +58,9 @@ CURRENCIES = ("EUR", "USD", "GBP", "CHF")
 #: First instant of the seeded period; orders spread over the two years after it.
 PERIOD_START = "2025-01-01T00:00:00+00:00"
 PERIOD_SECONDS = 2 * 365 * 86400
-#: Loads smaller than this always insert with the search index in place.
+#: Loads smaller than this always insert with the search indexes in place.
 REBUILD_MIN_ORDERS = 50_000
-#: Memory for building the search index after a bulk load (GIN builds are faster with more).
+#: Memory for building the search indexes after a bulk load (GIN builds are faster with more).
 REBUILD_MAINTENANCE_WORK_MEM = "256MB"
 
 _INSERT = text(
@@ -104,21 +115,26 @@ def _table_rows(session: Session) -> int:
 
 
 def rebuilds_search_index(session: Session, orders: int) -> bool:
-    """True when a load of ``orders`` orders builds the search index after the insert."""
+    """True when a load of ``orders`` orders builds the search indexes after the insert."""
     return orders >= REBUILD_MIN_ORDERS and orders >= _table_rows(session)
 
 
-def build_search_index(session: Session) -> None:
-    """Create the search index (after a bulk load that dropped it)."""
-    (index,) = (i for i in Base.metadata.tables["orders"].indexes if i.name == ORDER_SEARCH_INDEX)
-    session.execute(CreateIndex(index, if_not_exists=True))
+def drop_search_indexes(session: Session) -> None:
+    """Drop the search indexes before a bulk load (:func:`build_search_indexes` after it)."""
+    for name in ORDER_SEARCH_INDEXES:
+        session.execute(text(f"DROP INDEX IF EXISTS {name}"))
+
+
+def build_search_indexes(session: Session) -> None:
+    """Create the search indexes (after a bulk load that dropped them)."""
+    for index in Base.metadata.tables["orders"].indexes:
+        if index.name in ORDER_SEARCH_INDEXES:
+            session.execute(CreateIndex(index, if_not_exists=True))
     # A new index starts at the default statistics target; the next ANALYZE needs the fine one.
-    session.execute(
-        text(
-            f"ALTER INDEX {ORDER_SEARCH_INDEX} ALTER COLUMN 1"
-            f" SET STATISTICS {ORDER_SEARCH_STATISTICS}"
+    for name in ORDER_SEARCH_STATISTICS_INDEXES:
+        session.execute(
+            text(f"ALTER INDEX {name} ALTER COLUMN 1 SET STATISTICS {ORDER_SEARCH_STATISTICS}")
         )
-    )
 
 
 def seed_orders(
@@ -131,9 +147,10 @@ def seed_orders(
 ) -> int:
     """Add ``orders`` orders to ``account``; numbers continue after the existing ones.
 
-    ``rebuild_index``: drop the search index and build it after the insert (None: when the
+    ``rebuild_index``: drop the search indexes and build them after the insert (None: when the
     load at least doubles the table, see :func:`rebuilds_search_index`; False: insert into the
-    index as it is, e.g. when the caller dropped it for several loads and builds it at the end).
+    indexes as they are, e.g. when the caller dropped them for several loads and builds them at
+    the end).
     """
     if orders < 0:
         raise ValueError("orders must be >= 0")
@@ -141,7 +158,7 @@ def seed_orders(
     if orders:
         rebuild = rebuilds_search_index(session, orders) if rebuild_index is None else rebuild_index
         if rebuild:
-            session.execute(text(f"DROP INDEX IF EXISTS {ORDER_SEARCH_INDEX}"))
+            drop_search_indexes(session)
         session.execute(
             _INSERT,
             {
@@ -161,7 +178,7 @@ def seed_orders(
             session.execute(
                 text(f"SET LOCAL maintenance_work_mem = '{REBUILD_MAINTENANCE_WORK_MEM}'")
             )
-            build_search_index(session)
+            build_search_indexes(session)
         # Fresh statistics, or the planner sorts half a million rows it thinks are a thousand
         # (this also gathers the search expression's statistics, through its index).
         session.execute(text("ANALYZE orders"))

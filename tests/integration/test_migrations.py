@@ -9,7 +9,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.db import transaction
 from shared.identity import ensure_account, upsert_user
 from shared.migrate import alembic_config, upgrade
-from shared.models import ORDER_SEARCH_STATISTICS
+from shared.models import ORDER_SEARCH_STATISTICS, Account
+from shared.report import SearchTerms, search_terms
 from shared.settings import Settings
 from tests.support.jobs import make_job
 from tests.support.reports import search_statistics
@@ -84,5 +85,40 @@ def test_email_records_move_from_last_error_prefixes_to_the_status_column(
         ("ready", "skipped: recipient no longer an admin"),
         ("failed", "failed: the mail server refused the recipient (550)"),
     }
+    upgrade(settings.database_url)
+    command.check(config)
+
+
+def test_the_distinct_customers_of_existing_orders_are_filled_in(
+    settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    with transaction(sessions) as session:
+        account = ensure_account(session, slug="mig-terms", name="Terms", timezone="UTC")
+        account_id = account.id
+    config = alembic_config(settings.database_url)
+    command.downgrade(config, "0008-1")  # the schema before the distinct customers
+    with sessions.begin() as session:
+        session.execute(
+            text(
+                "INSERT INTO orders (account_id, number, placed_at, customer_name,"
+                " customer_email, status, channel, items_count, subtotal, tax, shipping, total,"
+                " currency) SELECT :account, 'M-' || n, now(), 'Name ' || (n % 2),"
+                " 'm' || (n % 3) || '@mig.test', 'paid', 'web', 1, 1, 0, 0, 1, 'EUR'"
+                " FROM generate_series(1, 6) AS n"
+            ),
+            {"account": account_id},
+        )
+    upgrade(settings.database_url)
+    with sessions() as session:
+        account = session.get_one(Account, account_id)
+        assert search_terms(session, account, "@mig.test") == SearchTerms(
+            names=(), emails=("m0@mig.test", "m1@mig.test", "m2@mig.test")
+        )
+        assert search_terms(session, account, "name ") == SearchTerms(
+            names=("Name 0", "Name 1"), emails=()
+        )
+    command.downgrade(config, "0008-1")
+    with sessions() as session:
+        assert session.scalar(text("SELECT to_regclass('order_search_terms')")) is None
     upgrade(settings.database_url)
     command.check(config)
