@@ -73,20 +73,25 @@ def _search_pattern(q: str) -> str:
     return "%" + _like_escape(q.lower()) + "%"
 
 
-def search_terms(session: Session, account: Account, q: str | None) -> SearchTerms | None:
-    """The names and emails of ``account`` containing ``q``, case-insensitively (trigram index
-    over the distinct ones); None without ``q`` or when more than :data:`MAX_SEARCH_TERMS`
-    match (the conditions then test the search document instead)."""
-    if not q:
-        return None
-    rows = session.execute(
+def search_terms_select(account: Account, q: str) -> Select[tuple[str, str]]:
+    """(kind, value) of the terms of ``account`` containing ``q``, at most one over the limit."""
+    return (
         select(OrderSearchTerm.kind, OrderSearchTerm.value)
         .where(
             OrderSearchTerm.account_id == account.id,
             func.lower(OrderSearchTerm.value).like(_search_pattern(q), escape="\\"),
         )
         .limit(MAX_SEARCH_TERMS + 1)
-    ).all()
+    )
+
+
+def search_terms(session: Session, account: Account, q: str | None) -> SearchTerms | None:
+    """The names and emails of ``account`` containing ``q``, case-insensitively (trigram index
+    over the distinct ones); None without ``q`` or when more than :data:`MAX_SEARCH_TERMS`
+    match (the conditions then test the search document instead)."""
+    if not q:
+        return None
+    rows = session.execute(search_terms_select(account, q)).all()
     if len(rows) > MAX_SEARCH_TERMS:
         return None
     found = {kind: sorted(value for k, value in rows if k == kind) for kind in ("name", "email")}
