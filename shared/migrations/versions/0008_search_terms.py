@@ -34,6 +34,18 @@ $$
 """
 
 
+def _trigram_index(name: str, table: str, column: str) -> None:
+    """A pg_trgm GIN index on ``lower(column)`` (labelled as in shared.models)."""
+    label = f"search_{column}"
+    op.create_index(
+        name,
+        table,
+        [sa.literal_column(f"lower({column})").label(label)],
+        postgresql_using="gin",
+        postgresql_ops={label: "gin_trgm_ops"},
+    )
+
+
 def upgrade() -> None:
     op.create_table(
         "order_search_terms",
@@ -49,13 +61,7 @@ def upgrade() -> None:
         " SELECT DISTINCT account_id, 'name', customer_name FROM orders"
         " UNION SELECT DISTINCT account_id, 'email', customer_email FROM orders"
     )
-    op.create_index(
-        "order_search_terms_trgm_idx",
-        "order_search_terms",
-        [sa.literal_column("lower(value)").label("search_value")],
-        postgresql_using="gin",
-        postgresql_ops={"search_value": "gin_trgm_ops"},
-    )
+    _trigram_index("order_search_terms_trgm_idx", "order_search_terms", "value")
     op.execute(ADD_TERMS)
     for event in ("INSERT", "UPDATE"):
         op.execute(
@@ -63,13 +69,7 @@ def upgrade() -> None:
             " REFERENCING NEW TABLE AS changed_orders FOR EACH STATEMENT"
             " EXECUTE FUNCTION order_search_terms_add()"
         )
-    op.create_index(
-        "orders_number_trgm_idx",
-        "orders",
-        [sa.literal_column("lower(number)").label("search_number")],
-        postgresql_using="gin",
-        postgresql_ops={"search_number": "gin_trgm_ops"},
-    )
+    _trigram_index("orders_number_trgm_idx", "orders", "number")
     op.execute(f"ALTER INDEX orders_number_trgm_idx ALTER COLUMN 1 SET STATISTICS {STATISTICS}")
     op.create_index("orders_account_customer_email_idx", "orders", ["account_id", "customer_email"])
     op.create_index("orders_account_customer_name_idx", "orders", ["account_id", "customer_name"])
