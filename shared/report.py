@@ -73,7 +73,7 @@ def _search_pattern(q: str) -> str:
     return "%" + _like_escape(q.lower()) + "%"
 
 
-def search_terms_select(account: Account, q: str) -> Select[tuple[str, str]]:
+def search_terms_select(account: Account, q: str) -> Select[str, str]:
     """(kind, value) of the terms of ``account`` containing ``q``, at most one over the limit."""
     return (
         select(OrderSearchTerm.kind, OrderSearchTerm.value)
