@@ -238,7 +238,10 @@ class OrderSearchTerm(Base):
     value: Mapped[str] = mapped_column(Text, primary_key=True)
 
     __table_args__ = (
-        CheckConstraint("kind IN ('name', 'email')", name="kind_known"),
+        CheckConstraint(
+            "kind IN (" + ", ".join(f"'{kind}'" for kind in SEARCH_TERM_KINDS) + ")",
+            name="kind_known",
+        ),
         Index(
             "order_search_terms_trgm_idx",
             literal_column("lower(value)").label("search_value"),

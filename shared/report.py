@@ -94,8 +94,9 @@ def search_terms(session: Session, account: Account, q: str | None) -> SearchTer
     rows = session.execute(search_terms_select(account, q)).all()
     if len(rows) > MAX_SEARCH_TERMS:
         return None
-    found = {kind: sorted(value for k, value in rows if k == kind) for kind in ("name", "email")}
-    return SearchTerms(names=tuple(found["name"]), emails=tuple(found["email"]))
+    names = tuple(sorted(value for kind, value in rows if kind == "name"))
+    emails = tuple(sorted(value for kind, value in rows if kind == "email"))
+    return SearchTerms(names=names, emails=emails)
 
 
 def _search_condition(filters: OrderFilters, terms: SearchTerms | None) -> ColumnElement[bool]:
