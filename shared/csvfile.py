@@ -108,16 +108,23 @@ def copy_rows(conn: psycopg.Connection[Any]) -> Iterator[memoryview]:
         else:  # -1: the COPY is over (or failed); -2: libpq's own error
             break
     error: psycopg.Error | None = None
+    completed = False
     while True:
         while pgconn.is_busy():
             wait()
         result = pgconn.get_result()
         if result is None:
             break
-        if result.status != pq.ExecStatus.COMMAND_OK and error is None:
+        if result.status == pq.ExecStatus.COMMAND_OK:
+            completed = True
+        elif error is None:
             error = psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
     if error is not None:
         raise error
+    if not completed:  # never a short file passed off as the whole COPY
+        raise psycopg.OperationalError(
+            f"the COPY ended without its final result: {pgconn.get_error_message()}"
+        )
 
 
 class CopyStream(io.RawIOBase):
