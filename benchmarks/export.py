@@ -71,10 +71,10 @@ from shared.report import DEFAULT_PAGE_SIZE, explain, page_select, search_terms
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 READY = re.compile(r"ready (http://127\.0\.0\.1:\d+)")
-#: Report queries the load generator cycles through (one page each): every filter, every sort
-#: and ``q`` searches on the order number, the customer's name and the email, alone and combined.
 #: The report endpoint the load cycles over.
 REPORT_PATH = "/api/v1/accounts/acme/orders"
+#: Report queries the load generator cycles through (one page each): every filter, every sort
+#: and ``q`` searches on the order number, the customer's name and the email, alone and combined.
 REPORT_QUERIES: tuple[dict[str, Any], ...] = (
     {},
     {"q": "lovelace"},

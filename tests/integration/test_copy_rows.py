@@ -31,6 +31,10 @@ def copy_of(query: str) -> str:
     return f"COPY ({query}) TO STDOUT (FORMAT csv)"
 
 
+#: A COPY that would take 1,000 s: 100,000 rows, 10 ms each.
+SLOW = copy_of("SELECT g, pg_sleep(0.01) FROM generate_series(1, 100000) AS g")
+
+
 def psycopg_rows(conn: psycopg.Connection[Any], statement: str) -> list[bytes]:
     with conn.cursor().copy(statement) as copy:
         return [bytes(row) for row in copy]
@@ -74,13 +78,12 @@ def test_an_error_in_the_middle_raises_psycopgs_exception_after_the_rows_before_
 
 
 def test_a_cancel_from_another_thread_raises_query_canceled(database_url: str) -> None:
-    slow = copy_of("SELECT g, pg_sleep(0.01) FROM generate_series(1, 100000) AS g")
     with psycopg.connect(database_url) as conn:
         started = threading.Event()
         canceller = threading.Thread(target=lambda: started.wait(10) and conn.cancel_safe())
         canceller.start()
         begun = time.monotonic()
-        with pytest.raises(psycopg.errors.QueryCanceled), conn.cursor().copy(slow):
+        with pytest.raises(psycopg.errors.QueryCanceled), conn.cursor().copy(SLOW):
             for _ in copy_rows(conn):
                 started.set()
         canceller.join(timeout=10)
@@ -90,21 +93,19 @@ def test_a_cancel_from_another_thread_raises_query_canceled(database_url: str) -
 
 
 def test_a_statement_timeout_during_the_copy_raises_query_canceled(database_url: str) -> None:
-    slow = copy_of("SELECT g, pg_sleep(0.01) FROM generate_series(1, 100000) AS g")
     with psycopg.connect(database_url) as conn:
         conn.execute("SET statement_timeout = 300")
         timeout = pytest.raises(psycopg.errors.QueryCanceled, match="statement timeout")
-        with timeout, conn.cursor().copy(slow):
+        with timeout, conn.cursor().copy(SLOW):
             for _ in copy_rows(conn):
                 pass
 
 
 def test_a_connection_killed_mid_copy_raises_operational_error(database_url: str) -> None:
-    slow = copy_of("SELECT g, pg_sleep(0.01) FROM generate_series(1, 100000) AS g")
     with psycopg.connect(database_url) as conn, psycopg.connect(database_url) as admin:
         admin.autocommit = True
         pid = conn.info.backend_pid
-        with pytest.raises(psycopg.OperationalError), conn.cursor().copy(slow):
+        with pytest.raises(psycopg.OperationalError), conn.cursor().copy(SLOW):
             for n, _ in enumerate(copy_rows(conn)):
                 if n == 10:
                     admin.execute("SELECT pg_terminate_backend(%s)", [pid])
