@@ -57,7 +57,11 @@ def run(name: str, *, required: Sequence[str], pool_size: int, body: Body) -> in
     except ConfigurationError as exc:
         print(f"{name}: {exc.message}", file=sys.stderr)
         return EXIT_CONFIGURATION
-    engine = make_engine(settings.database_url, pool_size=pool_size)
+    engine = make_engine(
+        settings.database_url,
+        pool_size=pool_size,
+        pool_timeout=settings.database_pool_timeout_seconds,
+    )
     stop = stop_on_signals()
     try:
         log.info("%s: started", name)

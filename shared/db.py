@@ -10,6 +10,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 #: Connections kept open per process by the pool.
 POOL_SIZE = 10
+#: Longest a checkout waits for a free connection (seconds; SQLAlchemy's own default).
+POOL_TIMEOUT_SECONDS = 30.0
 
 
 def sqlalchemy_url(database_url: str) -> str:
@@ -25,12 +27,16 @@ def libpq_url(database_url: str) -> str:
     return database_url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
-def make_engine(database_url: str, *, pool_size: int = POOL_SIZE) -> Engine:
-    """An engine with a pool that checks connections before use (servers restart)."""
+def make_engine(
+    database_url: str, *, pool_size: int = POOL_SIZE, pool_timeout: float = POOL_TIMEOUT_SECONDS
+) -> Engine:
+    """An engine with a pool that checks connections before use (servers restart); a checkout
+    waits at most ``pool_timeout`` seconds (then ``sqlalchemy.exc.TimeoutError``)."""
     return create_engine(
         sqlalchemy_url(database_url),
         pool_size=pool_size,
         max_overflow=pool_size,
+        pool_timeout=pool_timeout,
         pool_pre_ping=True,
         # Errors and logs show the SQL, never the values (emails, tokens' digests, filters).
         hide_parameters=True,

@@ -157,6 +157,17 @@ class UndecodableEvent(OrdersExportError):
     code = "undecodable_event"
 
 
+class DatabaseUnavailable(OrdersExportError):
+    """The database cannot be had right now: it refuses or drops connections, or every pooled
+    connection stayed busy for the pool's whole wait."""
+
+    code = "database_unavailable"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.retry_after = retry_after
+
+
 class StorageError(OrdersExportError):
     """Object storage failed (unreachable, refused, or an object is missing)."""
 

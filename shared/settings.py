@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     public_url: str | None = None
     export_database_url: str | None = None
 
+    #: Longest a request (or task) waits for a free pooled database connection before it gives
+    #: up (seconds): the API then answers 503 ``database_unavailable`` with ``Retry-After``.
+    database_pool_timeout_seconds: float = Field(30.0, gt=0, le=300)
+
     export_async_threshold_rows: int = Field(DEFAULT_ASYNC_THRESHOLD_ROWS, ge=0)
     export_max_rows: int = Field(DEFAULT_MAX_ROWS, ge=1)
     export_file_ttl_seconds: int = Field(DEFAULT_FILE_TTL_SECONDS, ge=1)

@@ -21,7 +21,12 @@ from starlette.templating import Jinja2Templates
 from services.api import export_routes, health, login, openapi, pages, report
 from services.api.auth import SESSION_COOKIE
 from services.api.clients import trusted_networks
-from services.api.errors import handle_domain_error, handle_http_exception
+from services.api.errors import (
+    DATABASE_ERRORS,
+    handle_database_error,
+    handle_domain_error,
+    handle_http_exception,
+)
 from services.api.middleware import BodyLimitMiddleware, SecurityHeadersMiddleware
 from services.api.state import ApiState
 from shared import downloads, logredact
@@ -106,7 +111,7 @@ def _templates(settings: Settings) -> Jinja2Templates:
 def build_state(settings: Settings, *, flag_cache_seconds: float = CACHE_SECONDS) -> ApiState:
     """Everything the requests share: the database, the switches, the templates and, when
     STORAGE_URL is set, the storage and the runner of small exports (its pool opens now)."""
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, pool_timeout=settings.database_pool_timeout_seconds)
     sessions = make_sessionmaker(engine)
     flags = FlagCache(sessions, max_age=flag_cache_seconds)
     storage = settings.storage_target
@@ -194,6 +199,7 @@ def create_app(
         exception_handlers={
             OrdersExportError: handle_domain_error,
             HTTPException: handle_http_exception,
+            **{error: handle_database_error for error in DATABASE_ERRORS},
         },
         lifespan=lifespan,
     )

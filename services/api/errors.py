@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import psycopg
+from sqlalchemy import exc as sa_exc
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from services.api.state import api_state
 from shared import errors, wire
+
+log = logging.getLogger(__name__)
+
+#: When a client may try again after the database was unavailable (seconds).
+DATABASE_RETRY_AFTER_SECONDS = 5
+#: What the database failing to answer looks like from a request: the driver's connection and
+#: operational errors (refused, dropped, canceled) and the pool's wait running out.
+DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    sa_exc.OperationalError,
+    sa_exc.TimeoutError,
+    psycopg.OperationalError,
+)
 
 #: Domain error class -> HTTP status. The most specific class in an error's MRO wins.
 STATUS_BY_ERROR: dict[type[errors.OrdersExportError], int] = {
@@ -27,6 +42,7 @@ STATUS_BY_ERROR: dict[type[errors.OrdersExportError], int] = {
     errors.ExportsDisabled: 503,
     errors.Overloaded: 503,
     errors.StorageError: 503,
+    errors.DatabaseUnavailable: 503,
     errors.InlineExportFailed: 503,
     errors.ConfigurationError: 500,
 }
@@ -72,6 +88,23 @@ async def handle_domain_error(request: Request, exc: Exception) -> Response:
             headers=headers,
         )
     return JSONResponse(error_body(exc.code, exc.message, **exc.details), status, headers=headers)
+
+
+async def handle_database_error(request: Request, exc: Exception) -> Response:
+    """A request the database could not serve: 503 ``database_unavailable`` with Retry-After,
+    logged with the error's class (never its SQL or values), never a 500 with a trace."""
+    cause = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+    log.warning(
+        "api: database unavailable for %s %s: %s",
+        request.method,
+        request.url.path,
+        type(cause).__name__,
+    )
+    unavailable = errors.DatabaseUnavailable(
+        "The database is not answering right now; please try again in a few seconds.",
+        retry_after=DATABASE_RETRY_AFTER_SECONDS,
+    )
+    return await handle_domain_error(request, unavailable)
 
 
 async def handle_http_exception(request: Request, exc: Exception) -> Response:

@@ -38,7 +38,7 @@ MEANING = {
     413: "request body larger than MAX_REQUEST_BODY_BYTES (`body_too_large`)",
     422: "invalid input; `field` names it",
     429: "too many requests; see Retry-After",
-    503: "exports switched off, storage unreachable or the API overloaded",
+    503: "exports switched off, storage or the database unavailable, or the API overloaded",
 }
 #: Errors any authenticated API call may answer with.
 AUTH_ERRORS = (errors.Unauthenticated, errors.NotFound)

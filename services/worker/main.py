@@ -61,6 +61,7 @@ def main() -> int:
     engine = make_engine(
         settings.database_url,
         pool_size=settings.export_worker_threads + settings.export_fast_lane_threads + 4,
+        pool_timeout=settings.database_pool_timeout_seconds,
     )
     sessions = make_sessionmaker(engine)
     runner = ExportRunner(
