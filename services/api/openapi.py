@@ -40,8 +40,8 @@ MEANING = {
     429: "too many requests; see Retry-After",
     503: "exports switched off, storage or the database unavailable, or the API overloaded",
 }
-#: Errors any authenticated API call may answer with.
-AUTH_ERRORS = (errors.Unauthenticated, errors.NotFound)
+#: Errors any authenticated API call may answer with (each needs the database).
+AUTH_ERRORS = (errors.Unauthenticated, errors.NotFound, errors.DatabaseUnavailable)
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
