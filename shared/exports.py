@@ -75,6 +75,9 @@ class Requested:
     disposition: Disposition
     #: True when the job should be generated inside this request (small export).
     inline: bool
+    #: The job's account, as the request read it (kept: the session's identity map holds its
+    #: objects weakly, so without a reference it would be read again).
+    account: Account
 
 
 def filters_digest(filters: OrderFilters) -> str:
@@ -243,7 +246,7 @@ def request_export(
     session.execute(select(User.id).where(User.id == user.id).with_for_update())
     existing = _existing(session, user, account, digest, idempotency_key)
     if existing is not None:
-        return Requested(existing, Disposition.IN_FLIGHT, inline=False)
+        return Requested(existing, Disposition.IN_FLIGHT, inline=False, account=account)
     _check_active_cap(session, settings=settings, user=user)
 
     threshold = settings.export_async_threshold_rows
@@ -272,8 +275,8 @@ def request_export(
         existing = _existing(session, user, account, digest, idempotency_key)
         if existing is None:
             raise
-        return Requested(existing, Disposition.IN_FLIGHT, inline=False)
-    return Requested(job, Disposition.QUEUED, inline=inline)
+        return Requested(existing, Disposition.IN_FLIGHT, inline=False, account=account)
+    return Requested(job, Disposition.QUEUED, inline=inline, account=account)
 
 
 def make_small_export(
@@ -327,13 +330,11 @@ def create_export(
     with sessions() as session:
         with session.begin():
             requested = record(session)
-            job_id, account = requested.job.id, session.get_one(Account, requested.job.account_id)
-        disposition = requested.disposition
-        if disposition is Disposition.IN_FLIGHT:
-            return Created(requested.job, account, disposition)
-        if requested.inline:
-            disposition = make_small_export(sessions, runner, job_id)
-        job = session.get_one(ExportJob, job_id, populate_existing=True)
+        job, account, disposition = requested.job, requested.account, requested.disposition
+        if not requested.inline:  # as inserted: its server defaults came back with the INSERT
+            return Created(job, account, disposition)
+        disposition = make_small_export(sessions, runner, job.id)
+        job = session.get_one(ExportJob, job.id, populate_existing=True)
         return Created(job, account, disposition)
 
 

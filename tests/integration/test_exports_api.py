@@ -118,6 +118,41 @@ def test_small_export_is_made_in_the_request_and_equals_the_report(
     assert export["file"]["size_bytes"] == len(file.content)
 
 
+def test_a_background_export_request_reads_nothing_twice(
+    client: TestClient, population: Population
+) -> None:
+    """The POST is the host app's write path: it reads the account once (not again by primary
+    key once the job is inserted) and answers with the job it inserted (its server defaults come
+    back with the INSERT), not one read again after the commit."""
+    from sqlalchemy import event
+
+    engine = client.app.state.api.engine  # type: ignore[attr-defined]
+    statements: list[str] = []
+
+    def before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(" ".join(statement.split()))
+
+    event.listen(engine, "before_cursor_execute", before)
+    try:
+        response = post_export(client, population, {"min_total": "0.01"})
+    finally:
+        event.remove(engine, "before_cursor_execute", before)
+    assert response.status_code == 202, response.text
+    export = response.json()["export"]
+    assert export["state"] == "queued" and export["created_at"]
+    inserted = next(i for i, s in enumerate(statements) if s.startswith("INSERT INTO export_jobs"))
+    after = statements[inserted + 1 :]
+    assert [s for s in after if s.startswith("SELECT") and "FROM accounts" in s] == [], after
+    assert [s for s in after if s.startswith("SELECT") and "FROM export_jobs" in s] == [], after
+    # And the answer is the export as stored, field for field
+    stored = client.get(f"/api/v1/order-exports/{export['id']}", headers=bearer(population))
+    assert stored.json()["export"] == export
+    canceled = client.post(
+        f"/api/v1/order-exports/{export['id']}/cancel", headers=bearer(population)
+    )
+    assert canceled.status_code == 202
+
+
 def test_csv_edge_cases_round_trip(
     client: TestClient, population: Population, runner: ExportRunner
 ) -> None:
