@@ -61,14 +61,19 @@ class CsrfFailed(Forbidden):
     code = "csrf_failed"
 
 
-class TooManyAttempts(OrdersExportError):
-    """Too many attempts in a short time (login throttling)."""
-
-    code = "too_many_attempts"
+class TryLater(OrdersExportError):
+    """An error that passes: the client may try again after ``retry_after`` seconds (the HTTP
+    answer carries ``Retry-After``)."""
 
     def __init__(self, message: str, *, retry_after: int) -> None:
         super().__init__(message, retry_after=retry_after)
         self.retry_after = retry_after
+
+
+class TooManyAttempts(TryLater):
+    """Too many attempts in a short time (login throttling)."""
+
+    code = "too_many_attempts"
 
 
 class BodyTooLarge(OrdersExportError):
@@ -77,14 +82,10 @@ class BodyTooLarge(OrdersExportError):
     code = "body_too_large"
 
 
-class Overloaded(OrdersExportError):
+class Overloaded(TryLater):
     """The process is busy with as much of this work as it takes at once (e.g. password checks)."""
 
     code = "overloaded"
-
-    def __init__(self, message: str, *, retry_after: int) -> None:
-        super().__init__(message, retry_after=retry_after)
-        self.retry_after = retry_after
 
 
 class Conflict(OrdersExportError):
@@ -105,14 +106,10 @@ class ExportsDisabled(OrdersExportError):
     code = "exports_disabled"
 
 
-class TooManyActiveExports(OrdersExportError):
+class TooManyActiveExports(TryLater):
     """The user already has the maximum number of queued and running exports."""
 
     code = "too_many_active_exports"
-
-    def __init__(self, message: str, *, retry_after: int) -> None:
-        super().__init__(message, retry_after=retry_after)
-        self.retry_after = retry_after
 
 
 class TooManyInlineExports(TooManyActiveExports):
@@ -157,15 +154,11 @@ class UndecodableEvent(OrdersExportError):
     code = "undecodable_event"
 
 
-class DatabaseUnavailable(OrdersExportError):
+class DatabaseUnavailable(TryLater):
     """The database cannot be had right now: it refuses or drops connections, or every pooled
     connection stayed busy for the pool's whole wait."""
 
     code = "database_unavailable"
-
-    def __init__(self, message: str, *, retry_after: int) -> None:
-        super().__init__(message, retry_after=retry_after)
-        self.retry_after = retry_after
 
 
 class StorageError(OrdersExportError):
