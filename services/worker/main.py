@@ -39,7 +39,8 @@ HAND_BACK_SECONDS = 5
 #: How long the stop waits for the Kafka bridge, housekeeping and the backlog monitor (s each;
 #: they were told to stop at the signal, so they are done by then).
 THREAD_JOIN_SECONDS = 2
-#: How long an idle Dramatiq consumer blocks on Redis before looking again (ms).
+#: How long an idle Dramatiq consumer waits for an enqueue of this process before it looks in
+#: Redis again (ms; what other processes enqueue is seen within this, actors.WakingRedisBroker).
 CONSUMER_WAIT_MS = 50
 
 
