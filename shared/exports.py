@@ -42,7 +42,7 @@ from shared.filters import OrderFilters, parse_filter_object
 from shared.flags import FlagCache
 from shared.lanes import count_budget, lane_for
 from shared.models import Account, ErrorClass, ExportJob, ExportState, Role, User
-from shared.report import count_rows, estimate_rows
+from shared.report import ESTIMATE_MARGIN, count_rows, estimate_rows
 from shared.runner import ExportRunner, RunOutcome
 from shared.settings import Settings
 from shared.signing import SigningKeys, download_path
@@ -182,12 +182,6 @@ def _check_inline_rate(session: Session, *, settings: Settings, user: User) -> N
             f"you started {limit} exports in the last minute; try again shortly",
             retry_after=max(1, min(INLINE_WINDOW_SECONDS, math.ceil(left))),
         )
-
-
-#: A request whose planner estimate is more than this many times the count budget is big
-#: without counting (filters without a text search only: their estimates come from the
-#: column statistics; a ``q`` search's estimate is rough, so it is always counted).
-ESTIMATE_MARGIN = 4
 
 
 def _request_size(

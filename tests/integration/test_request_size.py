@@ -1,25 +1,31 @@
-"""How an export request sizes itself (shared/exports.py): the planner's estimate first, the
-bounded count only where the estimate cannot settle it.
+"""How an export request sizes itself (shared/exports.py), and the worker its progress total
+(shared/csvfile.py): the planner's estimate first, the bounded count only where the estimate
+cannot settle it.
 
-Against a real PostgreSQL: the statements a request sends are recorded from the engine, so the
-tests see whether the bounded count ran, and the lane and inline decision it led to.
+Against a real PostgreSQL: the statements a request sends are recorded from the engine (the
+worker's, from its connection), so the tests see whether the bounded count ran, and the lane
+and inline decision it led to.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
+import psycopg
 import pytest
+from psycopg_pool import ConnectionPool
 from sqlalchemy import event, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared.csvfile import ExportQuery
 from shared.db import transaction
 from shared.exports import Requested, request_export
+from shared.filters import OrderFilters
 from shared.flags import FlagCache
 from shared.identity import ensure_account, set_membership, upsert_user
 from shared.lanes import FAST, NORMAL
-from shared.models import OutboxMessage, Role, User
+from shared.models import Account, OutboxMessage, Role, User
 from shared.seeding import seed_orders
 from shared.settings import Settings
 
@@ -128,3 +134,47 @@ def test_a_small_account_is_counted_and_takes_the_fast_lane(
     assert counted(statements), statements
     assert lane == FAST
     assert not requested.inline  # 40 rows > the inline bound of 10
+
+
+class RecordingConnection(psycopg.Connection[Any]):
+    """A connection that records the SQL of every ``execute``."""
+
+    sent: ClassVar[list[str]] = []
+
+    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        RecordingConnection.sent.append(str(query))
+        return super().execute(query, params, **kwargs)
+
+
+def test_the_workers_estimate_counts_only_where_the_planner_cannot_settle_it(
+    database_url: str, sessions: sessionmaker[Session], user_id: int
+) -> None:
+    with sessions() as session:
+        big, small = (
+            session.scalars(select(Account).where(Account.slug == slug)).one()
+            for slug in ("sized-big", "sized-small")
+        )
+        session.expunge_all()
+    pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+        database_url, min_size=1, max_size=1, connection_class=RecordingConnection, open=True
+    )
+    estimates: dict[str, tuple[int, list[str]]] = {}
+    with pool:
+        for account, filters in ((big, {}), (small, {}), (big, {"q": "example.test"})):
+            with ExportQuery(
+                database_url=database_url, statement_timeout_seconds=60, pool=pool
+            ) as query:
+                RecordingConnection.sent.clear()
+                rows = query.estimate(
+                    account, OrderFilters(**filters), exact_up_to=FAST_LANE_MAX_ROWS
+                )
+                estimates[f"{account.slug} {filters}"] = (rows, list(RecordingConnection.sent))
+    # A big export's total for progress is the planner's estimate: no rows are read for it
+    rows, sent = estimates["sized-big {}"]
+    assert not counted(sent), sent
+    assert abs(rows - BIG_ORDERS) <= BIG_ORDERS * 0.1
+    # A small one is counted exactly, and so is a text search (its estimate is rough)
+    rows, sent = estimates["sized-small {}"]
+    assert counted(sent) and rows == SMALL_ORDERS
+    rows, sent = estimates["sized-big {'q': 'example.test'}"]
+    assert counted(sent) and rows > FAST_LANE_MAX_ROWS
