@@ -148,14 +148,20 @@ class ConsumerLoop:
         #: (topic, partition) -> offset of a failed message that must be retried first.
         self._retry_from: dict[tuple[str, int], int] = {}
         self._dead_letter_producer: Any = None
+        #: (topic, partition) this consumer holds (``orders_export_consumer_assigned_partitions``).
+        self._held: set[tuple[str, int]] = set()
         metrics.declare(metrics.CONSUMED, *((group_id, o) for o in CONSUMER_OUTCOMES))
+        metrics.CONSUMER_PARTITIONS.labels(group_id).set(0)
 
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set, then close (which commits the stored offsets)."""
         consumer = Consumer(consumer_config(self.settings, group_id=self.group_id))
         try:
             consumer.subscribe(
-                self.topics, on_revoke=self._forget_partitions, on_lost=self._forget_partitions
+                self.topics,
+                on_assign=self._assigned,
+                on_revoke=self._forget_partitions,
+                on_lost=self._forget_partitions,
             )
             log.info("%s: consuming %s as %s", self.name, ", ".join(self.topics), self.group_id)
             while not stop.is_set():
@@ -323,10 +329,17 @@ class ConsumerLoop:
                 self._dead_letter_producer = None
             raise DeadLetterFailed(str(outcome[0].name()))
 
+    def _assigned(self, consumer: Any, partitions: list[Any]) -> None:
+        self._held |= {(p.topic, p.partition) for p in partitions}
+        metrics.CONSUMER_PARTITIONS.labels(self.group_id).set(len(self._held))
+        log.info("%s: %d partitions assigned", self.name, len(self._held))
+
     def _forget_partitions(self, consumer: Any, partitions: list[Any]) -> None:
         for partition in partitions:
             self._retry_from.pop((partition.topic, partition.partition), None)
+            self._held.discard((partition.topic, partition.partition))
         self._failing_since.clear()
+        metrics.CONSUMER_PARTITIONS.labels(self.group_id).set(len(self._held))
 
     def _close(self, consumer: Any) -> None:
         try:

@@ -19,7 +19,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
@@ -64,6 +71,13 @@ CONSUMED = Counter(
     "orders_export_consumer_messages_total",
     "Kafka messages of a consumer group by outcome (handled, failed, dead_lettered).",
     ["group", "outcome"],
+)
+CONSUMER_PARTITIONS = Gauge(
+    "orders_export_consumer_assigned_partitions",
+    "Partitions this process's Kafka consumer of a group holds (0 until the group's first "
+    "join has completed, and while a rebalance has taken them away).",
+    ["group"],
+    multiprocess_mode="livesum",
 )
 OUTBOX_PUBLISHED = Counter("orders_export_outbox_published_total", "Outbox rows the broker took.")
 OUTBOX_DELIVERY_FAILURES = Counter(

@@ -11,12 +11,15 @@ class ServiceSpec:
     """A service run as ``python -m <args>``; ``{host}`` and ``{port}`` in ``args`` are the
     API's address. With ``health_path`` the stack waits for HTTP 200 there before going on.
     ``metrics_port``: the service gets a METRICS_PORT of its own (the API serves ``/metrics``
-    on its HTTP port)."""
+    on its HTTP port). ``kafka_consumer``: the stack is ready only once the service's Kafka
+    consumer holds its partitions (its metrics say so), so the first export after ``ready``
+    does not wait seconds for the group's first join."""
 
     name: str
     args: tuple[str, ...]
     health_path: str | None = None
     metrics_port: bool = False
+    kafka_consumer: bool = False
 
     def argv(self, *, host: str, port: int) -> list[str]:
         """The command line for this service."""
@@ -32,6 +35,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
         health_path="/healthz",
     ),
     ServiceSpec(name="relay", args=("services.relay",), metrics_port=True),
-    ServiceSpec(name="worker", args=("services.worker",), metrics_port=True),
-    ServiceSpec(name="notifier", args=("services.notifier",), metrics_port=True),
+    ServiceSpec(name="worker", args=("services.worker",), metrics_port=True, kafka_consumer=True),
+    ServiceSpec(name="notifier", args=("services.notifier",), metrics_port=True,
+                kafka_consumer=True),
 )  # fmt: skip

@@ -48,6 +48,12 @@ logger = logging.getLogger(__name__)
 SERVICE_START_TIMEOUT = 60.0
 #: Timeout of one health-check request (seconds).
 HEALTH_REQUEST_TIMEOUT = 1.0
+#: How long ``ready`` waits for the services' Kafka consumers to hold their partitions (seconds;
+#: the local broker's first group join takes a few). Then the stack says ready anyway, with a
+#: warning: an external broker may have other members of the group holding every partition.
+CONSUMER_JOIN_TIMEOUT = 30.0
+#: The gauge a Kafka-consuming service exposes per group (``shared/metrics.py``).
+ASSIGNED_PARTITIONS = "orders_export_consumer_assigned_partitions"
 #: How often the supervisor looks at its children (seconds).
 SUPERVISE_INTERVAL = 0.25
 #: Exit status after a clean stop (signal) and after a failure.
@@ -157,6 +163,8 @@ class Stack:
         for spec in self.services:
             self._check_stop()
             self._start_service(spec, port=port)
+        self._check_stop()
+        self._wait_for_consumers()
         self._check_stop()
         self.publish()
         logger.info("dev: ready in %.1fs, stop with Ctrl-C", time.monotonic() - started)
@@ -276,6 +284,26 @@ class Stack:
                     healthy_or_stopping, timeout=SERVICE_START_TIMEOUT, what=f"200 from {url}"
                 )
 
+    def _wait_for_consumers(self) -> None:
+        """Until every Kafka-consuming service holds partitions (or CONSUMER_JOIN_TIMEOUT)."""
+        waiting = [s.name for s in self.services if s.kafka_consumer and s.name in self.metrics]
+        if not waiting:
+            return
+        with self._step("Kafka consumers' first group join"):
+            deadline = time.monotonic() + CONSUMER_JOIN_TIMEOUT
+            while self._stop_signal is None:
+                waiting = [name for name in waiting if _assigned(self.metrics[name]) < 1]
+                if not waiting:
+                    return
+                if time.monotonic() > deadline:
+                    logger.warning(
+                        "%s: no Kafka partitions assigned after %.0f s; ready anyway",
+                        ", ".join(waiting),
+                        CONSUMER_JOIN_TIMEOUT,
+                    )
+                    return
+                time.sleep(SUPERVISE_INTERVAL)
+
     # -- supervise and stop ----------------------------------------------------------------------
 
     def supervise(self) -> int:
@@ -323,6 +351,20 @@ def _http_ok(url: str) -> bool:
             return bool(response.status == 200)
     except (urllib.error.URLError, OSError):
         return False
+
+
+def _assigned(metrics_url: str) -> float:
+    """Partitions the service's consumers hold, from its ``/metrics`` (0 when unreachable)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(metrics_url, timeout=HEALTH_REQUEST_TIMEOUT) as response:
+            text = response.read().decode()
+    except (urllib.error.URLError, OSError):
+        return 0.0
+    prefix = ASSIGNED_PARTITIONS + "{"
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
+    )
 
 
 def _settings_from_environment(*, exclude: AbstractSet[str]) -> dict[str, str]:

@@ -155,6 +155,14 @@ def wait_for_text(url: str, expected: str, timeout: float = 20.0) -> bool:
     return False
 
 
+def metric_value(url: str, series: str) -> float:
+    """The value of one exposed series (``name{labels}`` as Prometheus prints it), 0 when absent."""
+    for line in httpx2.get(url, timeout=5, trust_env=False).text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def order_count(env: dict[str, str]) -> int:
     with psycopg.connect(env["DATABASE_URL"]) as connection:
         row = connection.execute(
@@ -202,6 +210,11 @@ def test_dev_runs_the_stack_stops_cleanly_and_keeps_data(
     for name, url in metrics.items():
         expected = 'orders_export_jobs{state="queued"}' if name == "worker" else "orders_export_"
         assert wait_for_text(url, expected), f"{name}: no {expected} at {url}"
+    # And its Kafka consumers held their partitions when it said ready: the first export does
+    # not wait seconds for the groups' first join
+    for name, group in (("worker", "orders-export-worker"), ("notifier", "orders-export-notifier")):
+        series = f'orders_export_consumer_assigned_partitions{{group="{group}"}}'
+        assert metric_value(metrics[name], series) >= 1, f"{name}: {series} at ready"
 
     # When the CLI creates a token with that environment
     created = subprocess.run(
