@@ -66,9 +66,17 @@ def curl(url: str, *, token: str | None = None, follow: bool = False) -> tuple[i
     return int(size), "".join(location).strip(), int(redirects)
 
 
-def interleaved(paths: dict[str, Callable[[], int]], runs: int, expected: int) -> dict[str, float]:
-    """Median seconds of each path over ``runs`` rounds; each round runs every path once, so a
-    busy moment of the machine falls on all of them alike. Each must return ``expected`` bytes.
+#: Fewest interleaved rounds of the download paths: a 500k file downloads in 20-60 ms, so with
+#: three rounds one busy moment of the machine moved a median (and a ratio) by a quarter.
+MIN_ROUNDS = 9
+
+
+def interleaved(
+    paths: dict[str, Callable[[], int]], runs: int, expected: int
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Median seconds of each path over ``runs`` rounds, and every round's seconds; each round
+    runs every path once, so a busy moment of the machine falls on all of them alike. Each must
+    return ``expected`` bytes.
     """
     timings: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(runs):
@@ -78,7 +86,7 @@ def interleaved(paths: dict[str, Callable[[], int]], runs: int, expected: int) -
             timings[name].append(time.perf_counter() - started)
             if got != expected:
                 raise RuntimeError(f"{name}: read {got:,} bytes, expected {expected:,}")
-    return {name: statistics.median(values) for name, values in timings.items()}
+    return {name: statistics.median(values) for name, values in timings.items()}, timings
 
 
 @contextmanager
@@ -167,8 +175,9 @@ def on_host(url: str, base: str) -> str:
 
 def measure(
     *, env: dict[str, str], token: str, download_url: str, key: str, size: int, runs: int
-) -> dict[str, float]:
-    """Seconds (median of ``runs``) of each download path of one stored file of ``size`` bytes.
+) -> dict[str, Any]:
+    """Seconds (median of ``runs`` rounds, at least MIN_ROUNDS) of each download path of one
+    stored file of ``size`` bytes, and every round's seconds (``download_rounds``).
 
     ``env``: the running stack's settings (``stack.json``), whose storage is a local directory
     holding ``key``; ``download_url``: the export's signed link on that stack's API.
@@ -217,7 +226,8 @@ def measure(
                 size if curl(on_host(download_url, s3_redirecting), token=token)[1] else 0
             ),
         }
-        return interleaved(paths, runs, size)
+        medians, rounds = interleaved(paths, max(runs, MIN_ROUNDS), size)
+        return medians | {"download_rounds": rounds}
 
 
 def summarize(r: dict[str, Any], size: int) -> dict[str, float]:
