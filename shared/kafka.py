@@ -346,6 +346,8 @@ class ConsumerLoop:
             consumer.close()
         except Exception as exc:
             log.warning("%s: closing the consumer failed (%s)", self.name, type(exc).__name__)
+        self._held.clear()
+        metrics.CONSUMER_PARTITIONS.labels(self.group_id).set(0)
         if self._dead_letter_producer is not None:
             self._dead_letter_producer.flush(DELIVERY_WAIT_MARGIN_SECONDS)
             self._dead_letter_producer = None

@@ -71,9 +71,13 @@ class WakingRedisBroker(RedisBroker):
         return _WakingConsumer
 
     def wake_event(self, queue_name: str) -> threading.Event:
-        """The event set whenever this process enqueues on ``queue_name``."""
-        with self._wake_lock:
-            return self._wake.setdefault(queue_name, threading.Event())
+        """The event set whenever this process enqueues on ``queue_name`` (one consumer per
+        queue and process: the worker's two pools serve disjoint queues)."""
+        event = self._wake.get(queue_name)
+        if event is None:
+            with self._wake_lock:
+                event = self._wake.setdefault(queue_name, threading.Event())
+        return event
 
     def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
         enqueued: Message[Any] = super().enqueue(message, delay=delay)
@@ -99,6 +103,14 @@ class _WakingConsumer(_RedisConsumer):
             self._wake.wait(self._idle_seconds)
             self._wake.clear()
         return message
+
+    def ack(self, message: MessageProxy) -> None:
+        super().ack(message)  # type: ignore[no-untyped-call]
+        self._wake.set()  # a prefetch slot is free: fetch at once, not after the idle wait
+
+    def nack(self, message: MessageProxy) -> None:
+        super().nack(message)  # type: ignore[no-untyped-call]
+        self._wake.set()
 
 
 def make_broker(settings: Settings) -> WakingRedisBroker:

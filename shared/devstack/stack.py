@@ -10,6 +10,7 @@ stopped with ``pg_ctl stop`` and its pid checked.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -293,8 +294,8 @@ class Stack:
             deadline = time.monotonic() + CONSUMER_JOIN_TIMEOUT
             while self._stop_signal is None:
                 waiting = [name for name in waiting if _assigned(self.metrics[name]) < 1]
-                if not waiting:
-                    return
+                if not waiting or any(c.exit_code is not None for c in self._children):
+                    return  # a service that died is reported by supervise()
                 if time.monotonic() > deadline:
                     logger.warning(
                         "%s: no Kafka partitions assigned after %.0f s; ready anyway",
@@ -359,12 +360,12 @@ def _assigned(metrics_url: str) -> float:
     try:
         with opener.open(metrics_url, timeout=HEALTH_REQUEST_TIMEOUT) as response:
             text = response.read().decode()
-    except (urllib.error.URLError, OSError):
+        prefix = ASSIGNED_PARTITIONS + "{"
+        return sum(
+            float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
+        )
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError):
         return 0.0
-    prefix = ASSIGNED_PARTITIONS + "{"
-    return sum(
-        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
-    )
 
 
 def _settings_from_environment(*, exclude: AbstractSet[str]) -> dict[str, str]:
