@@ -104,14 +104,6 @@ class _WakingConsumer(_RedisConsumer):
             self._wake.clear()
         return message
 
-    def ack(self, message: MessageProxy) -> None:
-        super().ack(message)  # type: ignore[no-untyped-call]
-        self._wake.set()  # a prefetch slot is free: fetch at once, not after the idle wait
-
-    def nack(self, message: MessageProxy) -> None:
-        super().nack(message)  # type: ignore[no-untyped-call]
-        self._wake.set()
-
 
 def make_broker(settings: Settings) -> WakingRedisBroker:
     broker = WakingRedisBroker(url=settings.require("redis_url"))
