@@ -128,10 +128,15 @@ def claim(
     *,
     worker_id: str,
     lease_seconds: int,
+    attempt_key: Callable[[int], str],
     exclusive_per_account: bool = True,
 ) -> ExportJob | None:
     """queued -> running for this worker (``ExportStarted``), unless its account already has a
     running export.
+
+    ``attempt_key(account_id)`` names the object this attempt will write; it is recorded with the
+    claim (``attempt_key``), so that whoever rescues the job from a dead worker can delete that
+    file, and never one a later attempt writes.
 
     An account-scoped advisory lock serialises claims of one account, so two workers can never
     both see "nothing running" and start two exports of the same account. Small exports made
@@ -159,6 +164,7 @@ def claim(
         where=conditions,
         attempts=ExportJob.attempts + 1,
         worker_id=worker_id,
+        attempt_key=attempt_key(account_id),
         lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
         heartbeat_at=now,
         started_at=func.coalesce(ExportJob.started_at, now),

@@ -352,6 +352,9 @@ class ExportJob(Base):
         Enum(ErrorClass, name="export_error_class", values_callable=lambda e: [m.value for m in e])
     )
 
+    #: The object key the latest attempt writes (set when it is claimed): a rescue deletes that
+    #: attempt's file, which its dead worker could not.
+    attempt_key: Mapped[str | None] = mapped_column(Text)
     storage_key: Mapped[str | None] = mapped_column(Text)
     file_name: Mapped[str | None] = mapped_column(Text)
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)

@@ -213,6 +213,9 @@ class ExportRunner:
                 export_id,
                 worker_id=worker_id,
                 lease_seconds=self._settings.export_lease_seconds,
+                attempt_key=lambda account_id: new_object_key(
+                    account_id=account_id, export_id=str(export_id)
+                ),
                 exclusive_per_account=not inline,
             )
             if job is None:
@@ -230,7 +233,8 @@ class ExportRunner:
 
     def _attempt(self, job: ExportJob, account: Account, *, worker_id: str, inline: bool) -> Result:
         """Generate, then finish; whatever happens, end with a recorded outcome."""
-        key = new_object_key(account_id=account.id, export_id=str(job.id))
+        key = job.attempt_key
+        assert key is not None  # recorded by the claim
         reraise: BaseException | None = None
         try:
             try:

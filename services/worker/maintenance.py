@@ -101,19 +101,34 @@ class Maintenance:
         return sum(vars(pruned).values())
 
     def rescue(self) -> int:
-        """Running jobs whose lease expired go back to the queue, or fail when out of attempts."""
+        """Running jobs whose lease expired go back to the queue, or fail when out of attempts.
+
+        The dead attempt's file (complete if its worker died between upload and ready commit)
+        is deleted once the job has left ``running``: its key was recorded at the claim and no
+        later attempt writes it, so a new attempt that starts meanwhile loses nothing."""
         requeue: list[uuid.UUID] = []
+        leftovers: list[tuple[uuid.UUID, str]] = []
         with transaction(self._sessions) as session:
             for job in lifecycle.lease_expired(session):
+                key = job.attempt_key
                 moved, retry = lifecycle.rescue(session, job)
-                if moved is not None and retry:
+                if moved is None:
+                    continue
+                if retry:
                     requeue.append(job.id)
+                if key is not None:
+                    leftovers.append((job.id, key))
         for export_id in requeue:
             log.warning("export %s: worker lost, back in the queue", export_id)
             try:
                 self._actors.send_generate(str(export_id))
             except RedisError as exc:  # queued in PostgreSQL: resend() sends it later
                 log.warning("export %s: work not sent (%s)", export_id, type(exc).__name__)
+        for export_id, key in leftovers:
+            try:
+                self._storage.delete(key)
+            except StorageError:  # the bucket's lifecycle rule removes it later
+                log.warning("export %s: the lost attempt's file was not deleted", export_id)
         return len(requeue)
 
     def expire(self) -> int:

@@ -73,7 +73,9 @@ class Storage(Protocol):
         ...
 
     def delete(self, key: str) -> None:
-        """Remove the object; a missing object is not an error."""
+        """Remove the object; a missing object is not an error. A local directory also removes
+        what a writer killed mid-``put`` left of it; S3 leaves such an incomplete multipart
+        upload to the bucket's lifecycle rule (aborted after a day)."""
         ...
 
     def exists(self, key: str) -> bool:

@@ -95,9 +95,12 @@ class LocalStorage(Storage):
         return None
 
     def delete(self, key: str) -> None:
-        """Remove the file if it is there."""
+        """Remove the file if it is there, and what a writer killed mid-``put`` left of it (a
+        local directory has no lifecycle rule to sweep it)."""
         path = self._path(key)
         try:
+            for temp in path.parent.glob(f".{path.name}.*{TEMP_SUFFIX}"):
+                temp.unlink(missing_ok=True)
             path.unlink(missing_ok=True)
         except OSError as exc:
             raise StorageError("cannot delete from the storage directory") from exc

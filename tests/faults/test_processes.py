@@ -1,6 +1,7 @@
-"""Worker process faults: killed outright mid-upload, stopped politely mid-export, and an export
-that outlives the statement timeout. Each ends in exactly one right file and one email (or one
-clean, user-fixable failure), with attempts and history that tell what happened."""
+"""Worker process faults: killed outright mid-upload or between its upload and its ready
+commit, stopped politely mid-export, and an export that outlives the statement timeout. Each
+ends in exactly one right file and one email (or one clean, user-fixable failure), with attempts
+and history that tell what happened."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import signal
 import time
 
 import httpx2
+import psycopg
 import pytest
 
 from services.worker.main import HAND_BACK_SECONDS
@@ -62,6 +64,34 @@ def test_worker_killed_mid_upload_is_rescued_and_the_export_completes_once(
     assert metric(samples, "orders_export_retries_total") == 1
     assert metric(samples, "orders_export_job_duration_seconds_count", outcome="ready") == 1
     assert metric(samples, "orders_export_rows_total") == ready.export["row_count"]
+
+
+def test_worker_killed_after_its_upload_before_ready_leaves_no_second_file(
+    stack: LiveStack, api: httpx2.Client
+) -> None:
+    # Given a running export whose row the test holds locked, so that the worker's progress
+    # and ready updates wait: its upload completes, its ready commit cannot happen
+    export_id = request_export(api, {"sort": "placed_at", "placed_from": "2000-01-01"})["id"]
+    wait_running(api, export_id)
+    with psycopg.connect(stack.database_url) as blocker:
+        blocker.execute("SELECT 1 FROM export_jobs WHERE id = %s FOR UPDATE", (export_id,))
+        poll_until(
+            lambda: objects_of(stack, export_id),
+            timeout=60,
+            what="the first attempt's file to be stored",
+        )
+        (first_file,) = objects_of(stack, export_id)
+        # When the worker dies in that window (SIGKILL: no cleanup of its own)
+        stack.kill_service("worker")
+        blocker.rollback()
+    stack.start_service("worker")
+    # Then the rescuer requeues the export, the second attempt makes the file, and the first
+    # attempt's file, which nothing points to, is deleted (it holds customer data)
+    wait_state(api, export_id, "ready")
+    settle(stack)
+    ready = assert_ready_once(stack, api, export_id, attempts=2)
+    assert ready.storage_key != first_file
+    assert ("running", "queued", "system:rescuer", "lease_expired") in ready.history
 
 
 def test_worker_stopped_with_sigterm_finishes_or_hands_back_its_export(

@@ -16,7 +16,7 @@ from shared.db import transaction
 from shared.errors import InvalidTransition
 from shared.identity import ensure_account, set_membership, upsert_user
 from shared.models import ExportJob, ExportState, ExportTransition, Role
-from tests.support.jobs import make_job
+from tests.support.jobs import attempt_key, make_job
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,9 @@ def test_two_workers_racing_for_one_job_claim_it_once(
     def contender(n: int) -> None:
         barrier.wait()
         with transaction(sessions) as session:
-            job = lifecycle.claim(session, export_id, worker_id=f"w{n}", lease_seconds=30)
+            job = lifecycle.claim(
+                session, export_id, worker_id=f"w{n}", lease_seconds=30, attempt_key=attempt_key
+            )
             if job is not None:
                 winners.append(job.worker_id or "")
 
@@ -157,15 +159,28 @@ def test_one_running_export_per_account(
     first = make_job(sessions, account_id=account.id, user_id=ids["user"])
     second = make_job(sessions, account_id=account.id, user_id=ids["user"])
     with transaction(sessions) as session:
-        assert lifecycle.claim(session, first, worker_id="a", lease_seconds=30) is not None
+        assert (
+            lifecycle.claim(
+                session, first, worker_id="a", lease_seconds=30, attempt_key=attempt_key
+            )
+            is not None
+        )
     with transaction(sessions) as session:
         assert (
-            lifecycle.claim(session, second, worker_id="b", lease_seconds=30) is None
+            lifecycle.claim(
+                session, second, worker_id="b", lease_seconds=30, attempt_key=attempt_key
+            )
+            is None
         )  # waits its turn
         # a small export made inside a request is not held back
         assert (
             lifecycle.claim(
-                session, second, worker_id="b", lease_seconds=30, exclusive_per_account=False
+                session,
+                second,
+                worker_id="b",
+                lease_seconds=30,
+                attempt_key=attempt_key,
+                exclusive_per_account=False,
             )
             is not None
         )
@@ -209,9 +224,19 @@ def test_claim_respects_the_attempt_budget(
 ) -> None:
     export_id = make_job(sessions, account_id=ids["other"], user_id=ids["user"], attempts=3)
     with transaction(sessions) as session:
-        assert lifecycle.claim(session, export_id, worker_id="x", lease_seconds=30) is None
+        assert (
+            lifecycle.claim(
+                session, export_id, worker_id="x", lease_seconds=30, attempt_key=attempt_key
+            )
+            is None
+        )
 
 
 def test_unknown_job_cannot_be_claimed(sessions: sessionmaker[Session]) -> None:
     with transaction(sessions) as session:
-        assert lifecycle.claim(session, uuid.uuid4(), worker_id="x", lease_seconds=30) is None
+        assert (
+            lifecycle.claim(
+                session, uuid.uuid4(), worker_id="x", lease_seconds=30, attempt_key=attempt_key
+            )
+            is None
+        )

@@ -17,7 +17,7 @@ from shared.db import transaction
 from shared.models import ExportJob, ExportState, OutboxMessage
 from shared.settings import Settings
 from shared.storage import Storage, new_object_key
-from tests.support.jobs import account_and_user, job_of, make_job
+from tests.support.jobs import account_and_user, attempt_key, job_of, make_job
 from tests.support.storage import local_storage
 
 
@@ -43,22 +43,38 @@ def queued_messages(redis_url: str) -> int:
 
 
 def test_rescue_requeues_jobs_of_dead_workers_and_fails_exhausted_ones(
-    maintenance: Maintenance, sessions: sessionmaker[Session], ids: dict[str, int], redis_url: str
+    maintenance: Maintenance,
+    sessions: sessionmaker[Session],
+    ids: dict[str, int],
+    redis_url: str,
+    storage: Storage,
 ) -> None:
     past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)
     owner = {"account_id": ids["account"], "user_id": ids["user"], "state": ExportState.RUNNING}
+    # Each attempt's file is stored: complete, as when a worker dies between its upload and
+    # its ready commit
+    keys = [attempt_key(ids["account"]) for _ in range(3)]
+    for key in keys:
+        storage.put(key, io.BytesIO(b"customer data"))
     alive = make_job(
         sessions,
         **owner,
         attempts=1,
         worker_id="alive",
         lease_expires_at=past + dt.timedelta(minutes=10),
+        attempt_key=keys[0],
     )
-    crashed = make_job(sessions, **owner, attempts=1, worker_id="dead", lease_expires_at=past)
-    exhausted = make_job(sessions, **owner, attempts=3, worker_id="dead", lease_expires_at=past)
+    crashed = make_job(
+        sessions, **owner, attempts=1, worker_id="dead", lease_expires_at=past, attempt_key=keys[1]
+    )
+    exhausted = make_job(
+        sessions, **owner, attempts=3, worker_id="dead", lease_expires_at=past, attempt_key=keys[2]
+    )
     before = queued_messages(redis_url)
     assert maintenance.rescue() == 1
     assert job_of(sessions, alive).state is ExportState.RUNNING
+    # The dead attempts' files are deleted; the live worker's stays
+    assert [storage.exists(key) for key in keys] == [True, False, False]
     rescued = job_of(sessions, crashed)
     assert (rescued.state, rescued.worker_id, rescued.error_code) == (
         ExportState.QUEUED,

@@ -31,7 +31,14 @@ from shared.runner import ExportRunner, RunOutcome
 from shared.settings import Settings
 from shared.storage import Storage
 from tests.integration.test_runner import files_in, make_runner
-from tests.support.jobs import events_of, failed_with, job_of, make_job, seeded_admin
+from tests.support.jobs import (
+    attempt_key,
+    events_of,
+    failed_with,
+    job_of,
+    make_job,
+    seeded_admin,
+)
 from tests.support.storage import FaultyStorage, local_storage
 from tests.support.waiting import run_together, wait_until
 
@@ -465,7 +472,11 @@ def test_racing_claims_keep_one_running_export_per_account(
                 with racing() as session, session.begin():
                     barrier.wait()  # every worker claims at the same moment
                     job = lifecycle.claim(
-                        session, export_id, worker_id=f"w-{export_id}", lease_seconds=30
+                        session,
+                        export_id,
+                        worker_id=f"w-{export_id}",
+                        lease_seconds=30,
+                        attempt_key=attempt_key,
                     )
                     if job is not None:
                         claimed.append(job.id)

@@ -9,6 +9,8 @@ import mmap
 import os
 import random
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -334,6 +336,39 @@ def test_delete_is_idempotent(storage: Storage) -> None:
     storage.delete(key)
     assert not storage.exists(key)
     storage.delete(_key())  # never existed
+
+
+#: A writer that streams zeros into ``put`` until it is killed (argv: root, key).
+ENDLESS_WRITER = """
+import sys
+from pathlib import Path
+from shared.storage.local import LocalStorage
+
+class Endless:
+    def read(self, size=-1):
+        return bytes(65536)
+
+LocalStorage(root=Path(sys.argv[1])).put(sys.argv[2], Endless())
+"""
+
+
+def test_local_delete_also_removes_what_a_killed_writer_left(tmp_path: Path) -> None:
+    # Given a process killed (SIGKILL) while it wrote an object: its partial file stays
+    root = tmp_path / "objects"
+    key = _key()
+    writer = subprocess.Popen([sys.executable, "-c", ENDLESS_WRITER, str(root), key])
+    try:
+        deadline = time.monotonic() + 30
+        while not any(p.is_file() and p.stat().st_size for p in root.rglob("*")):
+            assert time.monotonic() < deadline and writer.poll() is None, "no partial file"
+            time.sleep(0.05)
+    finally:
+        writer.kill()
+        writer.wait()
+    # When the object is deleted (the rescue of a dead worker's attempt deletes its key)
+    LocalStorage(root=root).delete(key)
+    # Then nothing of it is left
+    assert [p for p in root.rglob("*") if p.is_file()] == []
 
 
 def test_a_missing_object_raises_storage_error(storage: Storage) -> None:

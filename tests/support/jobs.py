@@ -23,6 +23,7 @@ from shared.models import (
     Role,
 )
 from shared.seeding import seed_orders
+from shared.storage import new_object_key
 
 #: A legal path from queued to each state.
 PATHS: dict[ExportState, list[ExportState]] = {
@@ -33,6 +34,11 @@ PATHS: dict[ExportState, list[ExportState]] = {
     ExportState.CANCELED: [ExportState.CANCELED],
     ExportState.EXPIRED: [ExportState.RUNNING, ExportState.READY, ExportState.EXPIRED],
 }
+
+
+def attempt_key(account_id: int) -> str:
+    """An attempt's object key as the runner names one, for tests that claim jobs themselves."""
+    return new_object_key(account_id=account_id, export_id="test")
 
 
 def make_job(
