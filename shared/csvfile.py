@@ -29,7 +29,7 @@ from shared.columns import COLUMNS
 from shared.export_options import COMPRESSIONS
 from shared.filters import OrderFilters
 from shared.models import Account, Order
-from shared.report import ESTIMATE_MARGIN, count_select, filter_conditions, report_select
+from shared.report import count_select, filter_conditions, report_select, size_of
 
 #: UTF-8 byte order mark, written first when the user asks for it (Excel on Windows).
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -344,20 +344,25 @@ class ExportQuery:
         """The row count for progress: exact when small (a bounded count), else the planner's
         estimate, so a big export never pays for a second pass over its rows.
 
-        As in the request (``shared/exports.py``), the planner goes first: an estimate far above
-        the bound settles it without counting (10-20 ms of an export at 500k rows). Only the
-        progress total depends on it; the file and its row count come from the COPY."""
-        estimate = None if filters.q else self._planned(account, filters)
-        if estimate is not None and estimate > ESTIMATE_MARGIN * exact_up_to:
-            return estimate
-        sql, params = for_psycopg(count_select(account, filters, bound=exact_up_to + 1))
-        row = self._conn.execute(sql, params).fetchone()
-        counted = int(row[0]) if row else 0
-        if counted <= exact_up_to:
-            return counted
-        if estimate is None:
-            estimate = self._planned(account, filters)
-        return max(counted, estimate)
+        The rule is the request's (:func:`shared.report.size_of`): the planner first, a bounded
+        count only where its estimate cannot settle it. Only the progress total depends on it;
+        the file and its row count come from the COPY."""
+
+        def count(bound: int) -> int:
+            sql, params = for_psycopg(count_select(account, filters, bound=bound))
+            row = self._conn.execute(sql, params).fetchone()
+            return int(row[0]) if row else 0
+
+        size = size_of(
+            filters,
+            bound=exact_up_to,
+            estimate=lambda: self._planned(account, filters),
+            count=count,
+        )
+        if size.rows <= exact_up_to:
+            return size.rows
+        assert size.estimate is not None  # asked whenever the count says "more"
+        return max(size.rows, size.estimate)
 
     def _planned(self, account: Account, filters: OrderFilters) -> int:
         """The planner's row estimate for the export's rows (no rows are read)."""

@@ -42,7 +42,7 @@ from shared.filters import OrderFilters, parse_filter_object
 from shared.flags import FlagCache
 from shared.lanes import count_budget, lane_for
 from shared.models import Account, ErrorClass, ExportJob, ExportState, Role, User
-from shared.report import ESTIMATE_MARGIN, count_rows, estimate_rows
+from shared.report import count_rows, estimate_rows, size_of
 from shared.runner import ExportRunner, RunOutcome
 from shared.settings import Settings
 from shared.signing import SigningKeys, download_path
@@ -195,13 +195,13 @@ def _request_size(
     export to the normal lane and the workers instead of the fast lane or the request; above the
     budget the row cap is the estimate's either way, and the worker enforces it exactly."""
     budget = count_budget(settings)
-    estimate = None if filters.q else estimate_rows(session, account, filters)
-    if estimate is not None and estimate > ESTIMATE_MARGIN * budget:
-        rows = budget + 1
-    else:
-        rows = count_rows(session, account, filters, bound=budget + 1)
-    if rows > budget and estimate is None:
-        estimate = estimate_rows(session, account, filters)
+    size = size_of(
+        filters,
+        bound=budget,
+        estimate=lambda: estimate_rows(session, account, filters),
+        count=lambda bound: count_rows(session, account, filters, bound=bound),
+    )
+    rows, estimate = size.rows, size.estimate
     if rows > settings.export_max_rows or (
         estimate is not None and rows > budget and estimate > settings.export_max_rows
     ):
