@@ -27,6 +27,7 @@ EXTRA_METRICS = {
     "orders_export_consumer_messages_total",
     "orders_export_outbox_published_total",
     "orders_export_outbox_delivery_failures_total",
+    "orders_export_consumer_assigned_partitions",
 }
 
 
