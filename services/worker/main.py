@@ -7,7 +7,7 @@ import logging
 import sys
 import threading
 
-from dramatiq import Worker
+from dramatiq import Broker, Worker
 from dramatiq.common import dq_name
 
 from services import process
@@ -28,10 +28,11 @@ from shared.events import TOPIC_LIFECYCLE, TOPIC_REQUESTED
 from shared.flags import FlagCache
 from shared.notifications import CONSUMER_GROUP as NOTIFIER_GROUP
 from shared.runner import ExportRunner
-from shared.settings import load_settings
+from shared.settings import Settings, load_settings
 from shared.storage import lifecycle_days, storage_from_url
 
 log = logging.getLogger("orders_export.worker")
+
 
 #: After WORKER_SHUTDOWN_GRACE_SECONDS, how long handing running exports back may take (s):
 #: the heartbeat notices within a second, cancels the COPY and records ``queued``.
@@ -42,6 +43,34 @@ THREAD_JOIN_SECONDS = 2
 #: How long an idle Dramatiq consumer waits for an enqueue of this process before it looks in
 #: Redis again (ms; what other processes enqueue is seen within this, actors.WakingRedisBroker).
 CONSUMER_WAIT_MS = 50
+
+
+def lane_workers(broker: Broker, settings: Settings) -> tuple[Worker, Worker]:
+    """The two Dramatiq workers of the process, not started: the exports queue's own pool
+    (exports never starve other background work), and the fast lane (shared/lanes.py), threads
+    that only take small exports, so those never wait for a thread a big export holds."""
+    worker = Worker(
+        broker,
+        queues={EXPORTS_QUEUE},
+        worker_threads=settings.export_worker_threads,
+        worker_timeout=CONSUMER_WAIT_MS,
+    )
+    broker.logger.addFilter(_SecondLaneWorker())
+    fast_worker = Worker(
+        broker,
+        queues={FAST_QUEUE},
+        worker_threads=settings.export_fast_lane_threads,
+        worker_timeout=CONSUMER_WAIT_MS,
+    )
+    return worker, fast_worker
+
+
+class _SecondLaneWorker(logging.Filter):
+    """Drops Dramatiq's warning that a second ``Worker`` adds its middleware to the broker: the
+    two lanes do that on purpose, and each Worker consumes only its own queue."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_WorkerMiddleware" not in record.getMessage()
 
 
 def main() -> int:
@@ -99,21 +128,7 @@ def main() -> int:
 
     stop = process.stop_on_signals()
 
-    # The exports queue gets a pool of its own: exports never starve other background work.
-    worker = Worker(
-        broker,
-        queues={EXPORTS_QUEUE},
-        worker_threads=settings.export_worker_threads,
-        worker_timeout=CONSUMER_WAIT_MS,
-    )
-    # The fast lane (shared/lanes.py): threads that only take small exports, so those never
-    # wait for a thread that a big export holds.
-    fast_worker = Worker(
-        broker,
-        queues={FAST_QUEUE},
-        worker_threads=settings.export_fast_lane_threads,
-        worker_timeout=CONSUMER_WAIT_MS,
-    )
+    worker, fast_worker = lane_workers(broker, settings)
     worker.start()
     fast_worker.start()
     bridge = make_bridge(settings, actors)
