@@ -64,3 +64,8 @@ class FlagCache:
                     self._values = read_flags(session)
                 self._loaded_at = time.monotonic()
             return self._values[name]
+
+    def forget(self) -> None:
+        """Read the switches again at the next ``get`` (a change made by this process)."""
+        with self._lock:
+            self._loaded_at = float("-inf")

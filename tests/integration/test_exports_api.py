@@ -728,6 +728,8 @@ class TestDownloads:
         finally:
             with transaction(sessions) as session:
                 set_flag(session, "exports_enabled", True)
+            state_of(client.app).flags.forget()  # no later test sees the switch off
+        assert state_of(client.app).flags.get("exports_enabled")
         with transaction(sessions) as session:
             session.execute(
                 update(ExportJob)
