@@ -407,13 +407,12 @@ def cmd_exports_retry(args: argparse.Namespace) -> int:
     actor = f"support:{args.actor}"
 
     def work(session: Session) -> int:
-        job, account = support.find(session, args.id)
+        job, _ = support.find(session, args.id)
         before = job.state
         exports.check_retryable(job, exports_enabled=read_flags(session)["exports_enabled"])
         moved = exports.requeue(
-            session, settings=settings, job=job, account=account, actor=actor,
-            requested_by=job.requested_by,
-        )  # fmt: skip
+            session, settings=settings, job=job, actor=actor, requested_by=job.requested_by
+        )
         _acted(job.id, before, moved.state, actor)
         return 0
 
@@ -426,9 +425,9 @@ def cmd_exports_cancel(args: argparse.Namespace) -> int:
     actor = f"support:{args.actor}"
 
     def work(session: Session) -> int:
-        job, account = support.find(session, args.id)
+        job, _ = support.find(session, args.id)
         before = job.state
-        moved = exports.cancel_job(session, job=job, account=account, actor=actor)
+        moved = exports.cancel_job(session, job=job, actor=actor)
         _acted(job.id, before, moved.state, actor)
         return 0
 
@@ -446,11 +445,9 @@ def cmd_exports_delete_file(args: argparse.Namespace) -> int:
     )
 
     def work(session: Session) -> int:
-        job, account = support.find(session, args.id)
+        job, _ = support.find(session, args.id)
         before = job.state
-        moved = exports.delete_file(
-            session, storage, job=job, account=account, actor=actor, deleted_by=None
-        )
+        moved = exports.delete_file(session, storage, job=job, actor=actor, deleted_by=None)
         _acted(job.id, before, moved.state, actor)
         return 0
 

@@ -365,16 +365,15 @@ def list_for_account(
 def retry(
     session: Session, *, settings: Settings, flags: FlagCache, export_id: str, user: User
 ) -> ExportJob:
-    job, account = get_for_admin(session, export_id, user)
+    job, _ = get_for_admin(session, export_id, user)
     check_retryable(job, exports_enabled=flags.get("exports_enabled"))
     # The same per-user lock request_export takes: concurrent retries see each other's writes,
     # so together they cannot exceed the cap.
     session.execute(select(User.id).where(User.id == user.id).with_for_update())
     _check_active_cap(session, settings=settings, user=user)
     return requeue(
-        session, settings=settings, job=job, account=account, actor=f"user:{user.id}",
-        requested_by=user.id,
-    )  # fmt: skip
+        session, settings=settings, job=job, actor=f"user:{user.id}", requested_by=user.id
+    )
 
 
 def check_retryable(job: ExportJob, *, exports_enabled: bool) -> None:
@@ -388,9 +387,8 @@ def check_retryable(job: ExportJob, *, exports_enabled: bool) -> None:
 
 
 def requeue(
-    session: Session, *, settings: Settings, job: ExportJob, account: Account, actor: str,
-    requested_by: int,
-) -> ExportJob:  # fmt: skip
+    session: Session, *, settings: Settings, job: ExportJob, actor: str, requested_by: int
+) -> ExportJob:
     """Put a checked export back in the queue (the caller ran :func:`check_retryable`)."""
     try:
         with session.begin_nested():
@@ -406,11 +404,11 @@ def requeue(
 
 
 def cancel(session: Session, *, export_id: str, user: User) -> ExportJob:
-    job, account = get_for_admin(session, export_id, user)
-    return cancel_job(session, job=job, account=account, actor=f"user:{user.id}")
+    job, _ = get_for_admin(session, export_id, user)
+    return cancel_job(session, job=job, actor=f"user:{user.id}")
 
 
-def cancel_job(session: Session, *, job: ExportJob, account: Account, actor: str) -> ExportJob:
+def cancel_job(session: Session, *, job: ExportJob, actor: str) -> ExportJob:
     """The rule for every cancel, by a user or by support: only queued or running exports."""
     moved = lifecycle.cancel(session, job, actor=actor)
     if moved is None:
@@ -419,9 +417,8 @@ def cancel_job(session: Session, *, job: ExportJob, account: Account, actor: str
 
 
 def delete_file(
-    session: Session, storage: Storage, *, job: ExportJob, account: Account, actor: str,
-    deleted_by: int | None,
-) -> ExportJob:  # fmt: skip
+    session: Session, storage: Storage, *, job: ExportJob, actor: str, deleted_by: int | None
+) -> ExportJob:
     """ready -> expired at once: delete the stored object, then record who deleted it.
 
     The object is deleted before the transition and outside any row lock (a slow storage call

@@ -144,12 +144,11 @@ def act(
             check_csrf(request, caller, submitted_csrf)
         export_id = request.path_params["export_id"]
         if action == "delete_file":
-            found, account = exports.get_for_management(session, export_id, caller.user)
+            found, _ = exports.get_for_management(session, export_id, caller.user)
             job = exports.delete_file(
                 session,
                 state.storage,
                 job=found,
-                account=account,
                 actor=f"user:{caller.user.id}",
                 deleted_by=caller.user.id,
             )
