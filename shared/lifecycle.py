@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from sqlalchemy import and_, delete, event, exists, func, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, SessionTransaction
 
 from shared import metrics, outbox
@@ -32,7 +33,7 @@ from shared.events import (
 )
 from shared.failures import WORKER_LOST, Failure
 from shared.lanes import FAST, NORMAL
-from shared.models import Account, ExportJob, ExportTransition, Notification
+from shared.models import Account, ExportJob, ExportTransition, Notification, StrayObject
 from shared.models import ExportState as S
 
 #: Allowed edges (the migration's trigger holds the same list).
@@ -443,8 +444,9 @@ def fail_attempt(
 
 def rescue(session: Session, job: ExportJob) -> tuple[ExportJob | None, bool]:
     """The worker of a running job stopped renewing its lease: the job is worker_lost, back to
-    the queue or failed for good by the same rule as a failed attempt."""
-    return _failed(
+    the queue or failed for good by the same rule as a failed attempt. The lost attempt's file
+    (complete if the worker died between its upload and its ready commit) is a stray."""
+    moved, retry = _failed(
         session,
         job,
         Failure(WORKER_LOST, WORKER_LOST.message),
@@ -453,6 +455,29 @@ def rescue(session: Session, job: ExportJob) -> tuple[ExportJob | None, bool]:
         notify=True,
         worker_id=None,
     )
+    if moved is not None and moved.attempt_key is not None:
+        record_stray(session, moved.attempt_key, export_id=moved.id)
+    return moved, retry
+
+
+def record_stray(session: Session, key: str, *, export_id: uuid.UUID | None) -> None:
+    """``key`` names a file no export may ever point to: housekeeping deletes it (``sweep``).
+
+    Only for the key of an attempt that can no longer finish (its job left ``running`` in this
+    transaction, or its worker gave up on it): keys are never reused, so no ready file is one."""
+    session.execute(
+        pg_insert(StrayObject).values(key=key, export_id=export_id).on_conflict_do_nothing()
+    )
+
+
+def strays(session: Session, *, limit: int = 100) -> list[StrayObject]:
+    """Files to delete, oldest first."""
+    return list(session.scalars(select(StrayObject).order_by(StrayObject.recorded_at).limit(limit)))
+
+
+def forget_stray(session: Session, key: str) -> None:
+    """The file is gone: its row goes too."""
+    session.execute(delete(StrayObject).where(StrayObject.key == key))
 
 
 def hand_back(session: Session, job: ExportJob, *, worker_id: str) -> ExportJob | None:
@@ -523,6 +548,8 @@ def cancel(session: Session, job: ExportJob, *, actor: str) -> ExportJob | None:
     )
     if moved is not None:
         _emit(session, job, lambda slug: ExportCanceled(export_id=str(job.id), account=slug))
+        if moved.attempt_key is not None:  # its worker may be gone: the file goes either way
+            record_stray(session, moved.attempt_key, export_id=moved.id)
     return moved
 
 

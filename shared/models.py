@@ -261,6 +261,18 @@ class FeatureFlag(Base):
     updated_at: Mapped[dt.datetime] = _now()
 
 
+class StrayObject(Base):
+    """A stored object no export may ever point to (the file of an attempt whose worker died or
+    whose export was canceled), recorded in the transaction that made it so; housekeeping
+    deletes the object, then the row (``Maintenance.sweep``)."""
+
+    __tablename__ = "stray_objects"
+
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    export_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    recorded_at: Mapped[dt.datetime] = _now()
+
+
 class LoginAttempt(Base):
     """A failed (or still running) login check, kept for throttling per email and per client."""
 

@@ -240,7 +240,7 @@ class ExportRunner:
             try:
                 csv_file = self._generate(job, account, worker_id=worker_id, key=key, inline=inline)
             except _Lost:
-                self._discard(key)
+                self._discard(job.id, key)
                 return Result(RunOutcome.CANCELED)
             except (_HandBack, Shutdown) as exc:
                 return self._give_back(job, account, worker_id=worker_id, key=key, cause=exc)
@@ -316,13 +316,19 @@ class ExportRunner:
                 raise _Lost
             return csv_file
 
-    def _discard(self, key: str) -> None:
-        """Best-effort removal of a file that must not stay (a failed put leaves none anyway;
-        the bucket's lifecycle rule sweeps whatever an outage leaves behind)."""
+    def _discard(self, job_id: uuid.UUID, key: str) -> None:
+        """Remove this attempt's file, which must not stay (a failed put leaves none anyway).
+        With storage away, the key is recorded for housekeeping's sweep; with the database away
+        too, the bucket's lifecycle rule removes the file."""
         try:
             self._storage.delete(key)
         except StorageError:
-            log.warning("could not delete %s now; the storage lifecycle rule will", key)
+            log.warning("export %s: could not delete %s now; housekeeping will", job_id, key)
+            try:
+                with transaction(self._sessions) as session:
+                    lifecycle.record_stray(session, key, export_id=job_id)
+            except Exception as exc:
+                log.warning("export %s: stray file not recorded (%s)", job_id, type(exc).__name__)
 
     def _store(self, key: str, stream: CopyStream) -> None:
         source: io.RawIOBase = stream
@@ -362,7 +368,7 @@ class ExportRunner:
                 file_name=file_name(account.slug, job.created_at, job.compression),
             )
         if done is None:  # canceled or rescued while we were finishing
-            self._discard(key)
+            self._discard(job.id, key)
             return Result(RunOutcome.CANCELED)
         return Result(RunOutcome.READY)
 
@@ -411,14 +417,14 @@ class ExportRunner:
                 type(record_exc).__name__,
             )
             if not self._ready_with(job.id, key):
-                self._discard(key)
+                self._discard(job.id, key)
             return Result(RunOutcome.RETRY, delay_seconds=self._backoff(job))
         if moved is None:
             if not self._ready_with(job.id, key):
-                self._discard(key)
+                self._discard(job.id, key)
                 return Result(RunOutcome.CANCELED)
             return Result(RunOutcome.READY)  # _finish had committed; only its reply was lost
-        self._discard(key)
+        self._discard(job.id, key)
         if retry:
             return Result(RunOutcome.RETRY, delay_seconds=self._backoff(job))
         return Result(RunOutcome.FAILED)
@@ -442,7 +448,7 @@ class ExportRunner:
                 type(exc).__name__,
             )
             moved = None
-        self._discard(key)
+        self._discard(job.id, key)
         return Result(RunOutcome.HANDED_BACK if moved is not None else RunOutcome.CANCELED)
 
 

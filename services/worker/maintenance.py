@@ -1,7 +1,7 @@
-"""Periodic housekeeping: rescue jobs of dead workers, expire old files, resend lost work, prune
-what unauthenticated requests leave behind.
+"""Periodic housekeeping: rescue jobs of dead workers, delete the files of dead or canceled
+attempts, expire old files, resend lost work, prune what unauthenticated requests leave behind.
 
-The four steps are independent: each runs in a thread of its own with its own error handling,
+The five steps are independent: each runs in a thread of its own with its own error handling,
 so a slow or failing step (storage unreachable: ~9 s per delete; Redis down) never holds up the
 others, and no storage call happens inside a transaction that holds row locks."""
 
@@ -51,6 +51,7 @@ class Maintenance:
     def _steps(self) -> dict[str, Callable[[], int]]:
         return {
             "rescue": self.rescue,
+            "sweep": self.sweep,
             "expire": self.expire,
             "resend": self.resend,
             "prune": self.prune,
@@ -101,35 +102,39 @@ class Maintenance:
         return sum(vars(pruned).values())
 
     def rescue(self) -> int:
-        """Running jobs whose lease expired go back to the queue, or fail when out of attempts.
-
-        The dead attempt's file (complete if its worker died between upload and ready commit)
-        is deleted once the job has left ``running``: its key was recorded at the claim and no
-        later attempt writes it, so a new attempt that starts meanwhile loses nothing."""
+        """Running jobs whose lease expired go back to the queue, or fail when out of attempts
+        (the lost attempt's file is recorded as a stray in the same transaction: ``sweep``)."""
         requeue: list[uuid.UUID] = []
-        leftovers: list[tuple[uuid.UUID, str]] = []
         with transaction(self._sessions) as session:
             for job in lifecycle.lease_expired(session):
-                key = job.attempt_key
                 moved, retry = lifecycle.rescue(session, job)
-                if moved is None:
-                    continue
-                if retry:
+                if moved is not None and retry:
                     requeue.append(job.id)
-                if key is not None:
-                    leftovers.append((job.id, key))
         for export_id in requeue:
             log.warning("export %s: worker lost, back in the queue", export_id)
             try:
                 self._actors.send_generate(str(export_id))
             except RedisError as exc:  # queued in PostgreSQL: resend() sends it later
                 log.warning("export %s: work not sent (%s)", export_id, type(exc).__name__)
-        for export_id, key in leftovers:
+        return len(requeue)
+
+    def sweep(self) -> int:
+        """Delete the files no export may point to (``stray_objects``: dead or canceled
+        attempts' files), each outside any transaction; a row goes once its file is gone, so
+        storage being away only postpones it (the round stops at the first failure)."""
+        with transaction(self._sessions) as session:
+            due = [(stray.key, stray.export_id) for stray in lifecycle.strays(session)]
+        deleted = 0
+        for key, export_id in due:
             try:
                 self._storage.delete(key)
-            except StorageError:  # the bucket's lifecycle rule removes it later
-                log.warning("export %s: the lost attempt's file was not deleted", export_id)
-        return len(requeue)
+            except StorageError:
+                log.warning("export %s: a stray file was not deleted; will try again", export_id)
+                break
+            with transaction(self._sessions) as session:
+                lifecycle.forget_stray(session, key)
+            deleted += 1
+        return deleted
 
     def expire(self) -> int:
         """Delete files past their expiry and mark their exports expired.

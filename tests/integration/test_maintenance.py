@@ -13,12 +13,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services.worker.actors import EXPORTS_QUEUE, Actors
 from services.worker.maintenance import Maintenance
+from shared import lifecycle
 from shared.db import transaction
 from shared.models import ExportJob, ExportState, OutboxMessage
 from shared.settings import Settings
 from shared.storage import Storage, new_object_key
 from tests.support.jobs import account_and_user, attempt_key, job_of, make_job
-from tests.support.storage import local_storage
+from tests.support.storage import FaultyStorage, local_storage
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,11 @@ def maintenance(
     settings: Settings, sessions: sessionmaker[Session], storage: Storage, actors: Actors
 ) -> Maintenance:
     return Maintenance(settings=settings, sessions=sessions, storage=storage, actors=actors)
+
+
+def stray_keys(sessions: sessionmaker[Session]) -> list[str]:
+    with sessions() as session:
+        return [stray.key for stray in lifecycle.strays(session, limit=10_000)]
 
 
 def queued_messages(redis_url: str) -> int:
@@ -73,8 +79,12 @@ def test_rescue_requeues_jobs_of_dead_workers_and_fails_exhausted_ones(
     before = queued_messages(redis_url)
     assert maintenance.rescue() == 1
     assert job_of(sessions, alive).state is ExportState.RUNNING
-    # The dead attempts' files are deleted; the live worker's stays
+    # The dead attempts' files are strays, deleted by the sweep; the live worker's stays
+    assert set(stray_keys(sessions)) >= {keys[1], keys[2]}
+    assert keys[0] not in stray_keys(sessions)
+    maintenance.sweep()
     assert [storage.exists(key) for key in keys] == [True, False, False]
+    assert not {keys[1], keys[2]} & set(stray_keys(sessions))
     rescued = job_of(sessions, crashed)
     assert (rescued.state, rescued.worker_id, rescued.error_code) == (
         ExportState.QUEUED,
@@ -91,6 +101,47 @@ def test_rescue_requeues_jobs_of_dead_workers_and_fails_exhausted_ones(
             )
         ).all()
     assert final == [True]
+
+
+def test_a_canceled_running_export_loses_its_attempts_file_even_if_its_worker_is_gone(
+    maintenance: Maintenance, sessions: sessionmaker[Session], ids: dict[str, int], storage: Storage
+) -> None:
+    # Given a running export whose worker stored its file and died before its ready commit
+    key = attempt_key(ids["account"])
+    storage.put(key, io.BytesIO(b"customer data"))
+    export_id = make_job(
+        sessions, account_id=ids["account"], user_id=ids["user"], state=ExportState.RUNNING,
+        attempts=1, worker_id="dead", attempt_key=key,
+        lease_expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=30),
+    )  # fmt: skip
+    # When the user cancels it before its lease runs out (so no rescue ever sees it)
+    with transaction(sessions) as session:
+        assert lifecycle.cancel(session, session.get_one(ExportJob, export_id), actor="user:1")
+    # Then housekeeping deletes the file
+    maintenance.sweep()
+    assert not storage.exists(key)
+    assert key not in stray_keys(sessions)
+
+
+def test_a_stray_file_storage_cannot_delete_now_is_deleted_once_it_can(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    actors: Actors,
+    storage: Storage,
+    ids: dict[str, int],
+) -> None:
+    faulty = FaultyStorage(storage)
+    house = Maintenance(settings=settings, sessions=sessions, storage=faulty, actors=actors)
+    key = attempt_key(ids["account"])
+    storage.put(key, io.BytesIO(b"customer data"))
+    with transaction(sessions) as session:
+        lifecycle.record_stray(session, key, export_id=None)
+    faulty.failing_deletes = True
+    house.sweep()  # storage away: nothing deleted, nothing forgotten
+    assert storage.exists(key) and key in stray_keys(sessions)
+    faulty.failing_deletes = False
+    house.sweep()
+    assert not storage.exists(key) and key not in stray_keys(sessions)
 
 
 def test_expiry_deletes_the_file_and_marks_the_export_expired(

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services.worker.actors import Actors
 from services.worker.maintenance import Maintenance
+from shared import lifecycle
 from shared.db import transaction
 from shared.devstack.ports import free_port
 from shared.identity import ensure_account
@@ -200,11 +201,9 @@ def test_unreachable_export_database_is_retried_with_backoff_then_fails_with_its
     assert counter("orders_export_retries_total") == retries + 2
 
 
-def test_a_failed_finish_is_retried_and_its_file_deleted(
-    settings: Settings, sessions: sessionmaker[Session], storage: FaultyStorage, ids: dict[str, int]
-) -> None:
-    export_id = make_job(sessions, account_id=ids["fail-d"], user_id=ids["user"])
-    # Given a primary that drops the connection of the transaction that marks this job ready
+@contextlib.contextmanager
+def ready_commit_dropped(sessions: sessionmaker[Session], export_id: uuid.UUID) -> Iterator[None]:
+    """A primary that drops the connection of the transaction that marks this job ready."""
     with transaction(sessions) as session:
         session.execute(
             text(
@@ -220,7 +219,20 @@ def test_a_failed_finish_is_retried_and_its_file_deleted(
             )
         )
     try:
-        runner = make_runner(settings, sessions, storage)
+        yield
+    finally:
+        with transaction(sessions) as session:
+            session.execute(text("DROP TRIGGER drop_ready ON export_jobs"))
+            session.execute(text("DROP FUNCTION drop_ready()"))
+
+
+def test_a_failed_finish_is_retried_and_its_file_deleted(
+    settings: Settings, sessions: sessionmaker[Session], storage: FaultyStorage, ids: dict[str, int]
+) -> None:
+    export_id = make_job(sessions, account_id=ids["fail-d"], user_id=ids["user"])
+    runner = make_runner(settings, sessions, storage)
+    # Given a primary that drops the connection of the transaction that marks this job ready
+    with ready_commit_dropped(sessions, export_id):
         failures = counter("orders_export_failures_total", reason="database_unavailable")
         # When the file is stored but _finish fails
         result = runner.run(export_id)
@@ -238,12 +250,36 @@ def test_a_failed_finish_is_retried_and_its_file_deleted(
         assert counter("orders_export_failures_total", reason="database_unavailable") == (
             failures + 1
         )
-    finally:
-        with transaction(sessions) as session:
-            session.execute(text("DROP TRIGGER drop_ready ON export_jobs"))
-            session.execute(text("DROP FUNCTION drop_ready()"))
     assert runner.run(export_id).outcome is RunOutcome.READY
     assert len(files_in(storage)) == 1
+
+
+def test_a_file_the_attempt_cannot_delete_is_left_to_housekeeping(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    storage: FaultyStorage,
+    ids: dict[str, int],
+    actors: Actors,
+) -> None:
+    export_id = make_job(sessions, account_id=ids["fail-e"], user_id=ids["user"])
+    # Given an attempt whose file is stored, whose ready commit fails, and whose storage then
+    # refuses the delete
+    storage.failing_deletes = True
+    with ready_commit_dropped(sessions, export_id):
+        assert make_runner(settings, sessions, storage).run(export_id).outcome is RunOutcome.RETRY
+    assert len(files_in(storage)) == 1
+    # Then the file is a recorded stray, and housekeeping deletes it once storage answers
+    assert export_id in strays_of(sessions)
+    storage.failing_deletes = False
+    house = Maintenance(settings=settings, sessions=sessions, storage=storage, actors=actors)
+    assert house.sweep() >= 1
+    assert files_in(storage) == []
+    assert export_id not in strays_of(sessions)
+
+
+def strays_of(sessions: sessionmaker[Session]) -> list[uuid.UUID | None]:
+    with sessions() as session:
+        return [stray.export_id for stray in lifecycle.strays(session, limit=10_000)]
 
 
 def test_a_snapshot_that_does_not_load_fails_as_an_engineering_error(
@@ -448,7 +484,6 @@ def test_a_rescued_worker_that_wakes_up_leaves_no_file_and_no_second_ready_event
 def test_racing_claims_keep_one_running_export_per_account(
     settings: Settings, sessions: sessionmaker[Session], ids: dict[str, int]
 ) -> None:
-    from shared import lifecycle
     from shared.db import make_engine, make_sessionmaker
 
     racers = 5

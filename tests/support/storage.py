@@ -43,6 +43,8 @@ class FaultyStorage:
         self.inner = inner
         self.pause = 0.0
         self.failing = False
+        #: Deletes fail too (storage unreachable for housekeeping).
+        self.failing_deletes = False
 
     def prepare(self) -> None:
         self.inner.prepare()
@@ -66,6 +68,8 @@ class FaultyStorage:
         )
 
     def delete(self, key: str) -> None:
+        if self.failing_deletes:
+            raise StorageError("object storage delete failed: server unreachable")
         self.inner.delete(key)
 
     def exists(self, key: str) -> bool:
