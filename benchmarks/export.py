@@ -452,20 +452,20 @@ def report_load(
             timeout=30,
             trust_env=False,
         ) as c:
-            i = n
-            while not stop.is_set():
+            for i in itertools.count(n):
+                if stop.is_set():
+                    return
+                query = i % len(REPORT_QUERIES)
+                timed = recording.is_set()  # a request sent in the window counts
                 started = time.perf_counter()
-                c.get(
-                    REPORT_PATH, params=REPORT_QUERIES[i % len(REPORT_QUERIES)]
-                ).raise_for_status()
+                c.get(REPORT_PATH, params=REPORT_QUERIES[query]).raise_for_status()
                 elapsed = time.perf_counter() - started
-                if not recording.is_set():
+                if not timed:
                     continue
                 with lock:
                     latencies.append(elapsed)
                     if by_query is not None:
-                        by_query.setdefault(i % len(REPORT_QUERIES), []).append(elapsed)
-                i += 1
+                        by_query.setdefault(query, []).append(elapsed)
 
     threads = [threading.Thread(target=client_loop, args=(n,)) for n in range(clients)]
     if background is not None:
