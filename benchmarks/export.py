@@ -61,7 +61,7 @@ import psycopg
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
-from shared.csvfile import copy_statement
+from shared.csvfile import copy_rows, copy_statement
 from shared.db import sqlalchemy_url
 from shared.devstack.stack import JOINED
 from shared.filters import OrderFilters, parse_filters
@@ -157,7 +157,11 @@ def account_of(database_url: str) -> Account:
     return account
 
 
-def floor_copy(database_url: str, account: Account) -> int:
+def floor_copy(database_url: str, account: Account, *, reader: str = "libpq") -> int:
+    """The report's own formatted COPY into /dev/null, no job machinery: the floor. Its rows
+    are read as the product reads them (``copy_rows``, one libpq call a row); ``reader=
+    "psycopg"`` reads them through psycopg's ``Copy`` iteration, the floor of the runs before
+    2026-12-06, whose own CPU per row made it slower than the product on a slow day."""
     statement, params = copy_statement(account, OrderFilters())
     rows = 0
     with (
@@ -165,7 +169,7 @@ def floor_copy(database_url: str, account: Account) -> int:
         open(os.devnull, "wb") as sink,
         psycopg.ClientCursor(conn).copy(statement, params) as copy,
     ):
-        for chunk in copy:
+        for chunk in copy_rows(conn) if reader == "libpq" else copy:
             sink.write(chunk)
             rows += 1
     return rows
@@ -529,11 +533,16 @@ def export_section(
     ) as client:
         # The floor and the product alternate, so that both see the same machine (it is shared
         # and its speed drifts within minutes): floor, export, floor, export, ...
-        floors, runs = [], []
+        floors, psycopg_floors, runs = [], [], []
         for n in range(args.runs):
             floors.append(median_time(lambda: floor_copy(database_url, account), 1)[0])
             runs.append(run_export(client, {}, watch_progress=(n == 0)))
+            psycopg_floors.append(
+                median_time(lambda: floor_copy(database_url, account, reader="psycopg"), 1)[0]
+            )
         results["floor_seconds"], results["floor_runs"] = statistics.median(floors), floors
+        results["floor_psycopg_seconds"] = statistics.median(psycopg_floors)
+        results["floor_psycopg_runs"] = psycopg_floors
         results["export_runs"] = runs
         results["gzip_runs"] = [
             run_export(client, {}, options={"compression": "gzip"}) for _ in range(args.runs)
@@ -993,6 +1002,7 @@ def summarize_export(r: dict[str, Any]) -> dict[str, Any]:
     gzip_mb = r["gzip_runs"][0]["bytes"] / 1e6
     return {
         "floor_copy_s": r["floor_seconds"],
+        "floor_copy_psycopg_reader_s": r.get("floor_psycopg_seconds"),
         "raw_copy_select_star_s": r["raw_copy_seconds"],
         "naive_cursor_csv_writer_s": r.get("naive_cursor_seconds"),
         "naive_orm_yield_per_s": r.get("naive_orm_seconds"),
