@@ -67,6 +67,7 @@ from shared.devstack.stack import JOINED
 from shared.filters import OrderFilters, parse_filters
 from shared.models import Account, ExportJob, Order
 from shared.report import DEFAULT_PAGE_SIZE, explain, page_select, search_terms
+from shared.storage import CHUNK_BYTES
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -159,19 +160,26 @@ def account_of(database_url: str) -> Account:
 
 def floor_copy(database_url: str, account: Account, *, reader: str = "libpq") -> int:
     """The report's own formatted COPY into /dev/null, no job machinery: the floor. Its rows
-    are read as the product reads them (``copy_rows``, one libpq call a row); ``reader=
-    "psycopg"`` reads them through psycopg's ``Copy`` iteration, the floor of the runs before
-    2026-12-06, whose own CPU per row made it slower than the product on a slow day."""
+    are read as the product reads them (``copy_rows``, one libpq call a row) and written in
+    1 MiB pieces; ``reader="psycopg"`` reads them through psycopg's ``Copy`` iteration, the
+    floor's reader before 2026-12-06 (which also wrote each row on its own)."""
     statement, params = copy_statement(account, OrderFilters())
     rows = 0
+    buffered = bytearray()
     with (
         psycopg.connect(database_url) as conn,
         open(os.devnull, "wb") as sink,
         psycopg.ClientCursor(conn).copy(statement, params) as copy,
     ):
+        # Written in 1 MiB pieces, as the product writes its file: a write per row (500,000
+        # system calls) made the floor slower than the product on 2026-12-06.
         for chunk in copy_rows(conn) if reader == "libpq" else copy:
-            sink.write(chunk)
+            buffered += chunk
             rows += 1
+            if len(buffered) >= CHUNK_BYTES:
+                sink.write(buffered)
+                buffered.clear()
+        sink.write(buffered)
     return rows
 
 
