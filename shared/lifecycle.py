@@ -475,9 +475,9 @@ def strays(session: Session, *, limit: int = 100) -> list[StrayObject]:
     return list(session.scalars(select(StrayObject).order_by(StrayObject.recorded_at).limit(limit)))
 
 
-def forget_stray(session: Session, key: str) -> None:
-    """The file is gone: its row goes too."""
-    session.execute(delete(StrayObject).where(StrayObject.key == key))
+def forget_strays(session: Session, keys: Iterable[str]) -> None:
+    """Their files are gone: their rows go too."""
+    session.execute(delete(StrayObject).where(StrayObject.key.in_(list(keys))))
 
 
 def hand_back(session: Session, job: ExportJob, *, worker_id: str) -> ExportJob | None:

@@ -364,8 +364,8 @@ class ExportJob(Base):
         Enum(ErrorClass, name="export_error_class", values_callable=lambda e: [m.value for m in e])
     )
 
-    #: The object key the latest attempt writes (set when it is claimed): a rescue deletes that
-    #: attempt's file, which its dead worker could not.
+    #: The object key the latest attempt writes (set when it is claimed): the transaction that
+    #: takes the export from that attempt (rescue, cancel) records it in ``stray_objects``.
     attempt_key: Mapped[str | None] = mapped_column(Text)
     storage_key: Mapped[str | None] = mapped_column(Text)
     file_name: Mapped[str | None] = mapped_column(Text)

@@ -33,7 +33,6 @@ from shared.storage import lifecycle_days, storage_from_url
 
 log = logging.getLogger("orders_export.worker")
 
-
 #: After WORKER_SHUTDOWN_GRACE_SECONDS, how long handing running exports back may take (s):
 #: the heartbeat notices within a second, cancels the COPY and records ``queued``.
 HAND_BACK_SECONDS = 5

@@ -124,17 +124,18 @@ class Maintenance:
         storage being away only postpones it (the round stops at the first failure)."""
         with transaction(self._sessions) as session:
             due = [(stray.key, stray.export_id) for stray in lifecycle.strays(session)]
-        deleted = 0
+        deleted: list[str] = []
         for key, export_id in due:
             try:
                 self._storage.delete(key)
             except StorageError:
                 log.warning("export %s: a stray file was not deleted; will try again", export_id)
                 break
+            deleted.append(key)
+        if deleted:
             with transaction(self._sessions) as session:
-                lifecycle.forget_stray(session, key)
-            deleted += 1
-        return deleted
+                lifecycle.forget_strays(session, deleted)
+        return len(deleted)
 
     def expire(self) -> int:
         """Delete files past their expiry and mark their exports expired.

@@ -18,7 +18,7 @@ from shared.db import transaction
 from shared.models import ExportJob, ExportState, OutboxMessage
 from shared.settings import Settings
 from shared.storage import Storage, new_object_key
-from tests.support.jobs import account_and_user, attempt_key, job_of, make_job
+from tests.support.jobs import account_and_user, attempt_key, job_of, make_job, strays_of
 from tests.support.storage import FaultyStorage, local_storage
 
 
@@ -37,11 +37,6 @@ def maintenance(
     settings: Settings, sessions: sessionmaker[Session], storage: Storage, actors: Actors
 ) -> Maintenance:
     return Maintenance(settings=settings, sessions=sessions, storage=storage, actors=actors)
-
-
-def stray_keys(sessions: sessionmaker[Session]) -> list[str]:
-    with sessions() as session:
-        return [stray.key for stray in lifecycle.strays(session, limit=10_000)]
 
 
 def queued_messages(redis_url: str) -> int:
@@ -80,11 +75,11 @@ def test_rescue_requeues_jobs_of_dead_workers_and_fails_exhausted_ones(
     assert maintenance.rescue() == 1
     assert job_of(sessions, alive).state is ExportState.RUNNING
     # The dead attempts' files are strays, deleted by the sweep; the live worker's stays
-    assert set(stray_keys(sessions)) >= {keys[1], keys[2]}
-    assert keys[0] not in stray_keys(sessions)
+    assert set(strays_of(sessions)) >= {keys[1], keys[2]}
+    assert keys[0] not in strays_of(sessions)
     maintenance.sweep()
     assert [storage.exists(key) for key in keys] == [True, False, False]
-    assert not {keys[1], keys[2]} & set(stray_keys(sessions))
+    assert not {keys[1], keys[2]} & set(strays_of(sessions))
     rescued = job_of(sessions, crashed)
     assert (rescued.state, rescued.worker_id, rescued.error_code) == (
         ExportState.QUEUED,
@@ -120,7 +115,7 @@ def test_a_canceled_running_export_loses_its_attempts_file_even_if_its_worker_is
     # Then housekeeping deletes the file
     maintenance.sweep()
     assert not storage.exists(key)
-    assert key not in stray_keys(sessions)
+    assert key not in strays_of(sessions)
 
 
 def test_a_stray_file_storage_cannot_delete_now_is_deleted_once_it_can(
@@ -138,10 +133,10 @@ def test_a_stray_file_storage_cannot_delete_now_is_deleted_once_it_can(
         lifecycle.record_stray(session, key, export_id=None)
     faulty.failing_deletes = True
     house.sweep()  # storage away: nothing deleted, nothing forgotten
-    assert storage.exists(key) and key in stray_keys(sessions)
+    assert storage.exists(key) and key in strays_of(sessions)
     faulty.failing_deletes = False
     house.sweep()
-    assert not storage.exists(key) and key not in stray_keys(sessions)
+    assert not storage.exists(key) and key not in strays_of(sessions)
 
 
 def test_expiry_deletes_the_file_and_marks_the_export_expired(

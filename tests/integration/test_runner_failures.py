@@ -39,6 +39,7 @@ from tests.support.jobs import (
     job_of,
     make_job,
     seeded_admin,
+    strays_of,
 )
 from tests.support.storage import FaultyStorage, local_storage
 from tests.support.waiting import run_together, wait_until
@@ -269,17 +270,12 @@ def test_a_file_the_attempt_cannot_delete_is_left_to_housekeeping(
         assert make_runner(settings, sessions, storage).run(export_id).outcome is RunOutcome.RETRY
     assert len(files_in(storage)) == 1
     # Then the file is a recorded stray, and housekeeping deletes it once storage answers
-    assert export_id in strays_of(sessions)
+    assert export_id in strays_of(sessions).values()
     storage.failing_deletes = False
     house = Maintenance(settings=settings, sessions=sessions, storage=storage, actors=actors)
     assert house.sweep() >= 1
     assert files_in(storage) == []
-    assert export_id not in strays_of(sessions)
-
-
-def strays_of(sessions: sessionmaker[Session]) -> list[uuid.UUID | None]:
-    with sessions() as session:
-        return [stray.export_id for stray in lifecycle.strays(session, limit=10_000)]
+    assert export_id not in strays_of(sessions).values()
 
 
 def test_a_snapshot_that_does_not_load_fails_as_an_engineering_error(

@@ -36,6 +36,12 @@ PATHS: dict[ExportState, list[ExportState]] = {
 }
 
 
+def strays_of(sessions: sessionmaker[Session]) -> dict[str, uuid.UUID | None]:
+    """The files housekeeping has still to delete: key -> export id."""
+    with sessions() as session:
+        return {stray.key: stray.export_id for stray in lifecycle.strays(session, limit=10_000)}
+
+
 def attempt_key(account_id: int) -> str:
     """An attempt's object key as the runner names one, for tests that claim jobs themselves."""
     return new_object_key(account_id=account_id, export_id="test")
