@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from shared.errors import StorageError
-from shared.storage import CHUNK_BYTES, Storage, check_key, check_range
+from shared.storage import CHUNK_BYTES, DOWNLOAD_CHUNK_BYTES, Storage, check_key, check_range
 
 #: Suffix of the temporary files that ``put`` writes before renaming them into place.
 TEMP_SUFFIX = ".part"
@@ -178,9 +178,14 @@ def _chunks(file: BinaryIO, length: int | None = None) -> Generator[bytes, None,
     always close the file."""
     try:
         yield b""
-        left = -1 if length is None else length
-        while left and (chunk := file.read(CHUNK_BYTES if left < 0 else min(left, CHUNK_BYTES))):
-            if left > 0:
+        left = length  # None: to the end
+        while left is None or left > 0:
+            chunk = file.read(
+                DOWNLOAD_CHUNK_BYTES if left is None else min(left, DOWNLOAD_CHUNK_BYTES)
+            )
+            if not chunk:
+                return
+            if left is not None:
                 left -= len(chunk)
             yield chunk
     except OSError as exc:

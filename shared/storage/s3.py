@@ -15,7 +15,7 @@ from minio.error import MinioException, S3Error
 from minio.lifecycleconfig import AbortIncompleteMultipartUpload, Expiration, LifecycleConfig, Rule
 
 from shared.errors import StorageError
-from shared.storage import CHUNK_BYTES, Storage, check_key, check_range
+from shared.storage import CHUNK_BYTES, DOWNLOAD_CHUNK_BYTES, Storage, check_key, check_range
 
 #: Smallest and largest multipart part size S3 accepts (MiB).
 MIN_PART_SIZE_MIB = 5
@@ -285,7 +285,7 @@ def _chunks(response: urllib3.BaseHTTPResponse) -> Generator[bytes, None, None]:
     """Yield an empty priming chunk, then the body's chunks; always release the connection."""
     try:
         yield b""
-        yield from response.stream(CHUNK_BYTES)
+        yield from response.stream(DOWNLOAD_CHUNK_BYTES)
     except _CLIENT_ERRORS as exc:
         raise _failure("open", exc) from exc
     finally:
