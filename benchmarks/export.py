@@ -902,6 +902,25 @@ def summarize_scale(scale: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def cpu_model() -> str | None:
+    """The processor's name as Linux reports it (``/proc/cpuinfo``), if it does."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return None
+
+
+def stolen_share(start: Any, end: Any) -> float | None:
+    """Share of the machine's CPU time between two ``psutil.cpu_times()`` that the hypervisor
+    gave to other guests (``steal``): a virtual machine whose host is busy runs slower by about
+    that much, which no ratio measured in the run removes from its absolute figures."""
+    total = sum(end) - sum(start)
+    if not total or not hasattr(end, "steal"):
+        return None
+    return float((end.steal - start.steal) / total)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -936,6 +955,7 @@ def main() -> int:
         parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
 
     results: dict[str, Any] = {"rows": args.rows, "runs": args.runs, "sections": sections}
+    cpu_at_start = psutil.cpu_times()
     if {"export", "report", "lanes"} & set(sections):
         with tempfile.TemporaryDirectory(prefix="export-bench-") as tmp:
             seeded = time.perf_counter()
@@ -958,7 +978,9 @@ def main() -> int:
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(),
         "system": platform.platform(),
+        "cpu_model": cpu_model(),
         "load_average_at_end": os.getloadavg(),
+        "cpu_stolen_share": stolen_share(cpu_at_start, psutil.cpu_times()),
     }
     RESULTS.mkdir(exist_ok=True)
     out = args.output or RESULTS / f"export-{args.rows}.json"
