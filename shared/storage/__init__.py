@@ -31,10 +31,10 @@ __all__ = [
 CHUNK_BYTES = 1024 * 1024
 #: Largest chunk ``open`` yields (bytes, 4 MiB): each chunk is one hop from the API's thread pool
 #: to its event loop and one write to the client's socket, and Linux lets a socket buffer up to
-#: 4 MiB (``net.ipv4.tcp_wmem``). A 58 MB file streamed through uvicorn to curl on loopback took
-#: 48 ms in 1 MiB chunks, 39 ms in 4 MiB ones, 41 ms in 8 or 16 MiB ones, against 38 ms from a
-#: zero-copy ``sendfile`` server (medians of 15 interleaved rounds, 2026-12-06). A download in
-#: flight holds about two chunks.
+#: 4 MiB (``net.ipv4.tcp_wmem``). On loopback a 58 MB download streams ~1.2x faster in 4 MiB
+#: chunks than in 1 MiB ones, as fast as a zero-copy server, and no faster in bigger ones
+#: (``benchmarks/download_chunks.py``, docs/performance.md). A download in flight holds about
+#: two chunks.
 DOWNLOAD_CHUNK_BYTES = 4 * 1024 * 1024
 #: Default multipart part size of S3 uploads (MiB).
 DEFAULT_PART_SIZE_MIB = 8
