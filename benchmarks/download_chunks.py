@@ -18,12 +18,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from downloads import interleaved, sendfile_server
+from downloads import interleaved, sendfile_server, served
 
 from shared.devstack.ports import free_port
 
@@ -32,7 +31,7 @@ SIZES_KIB = (256, 1024, 2048, 4096, 8192, 16384)
 APP = """
 import os
 from starlette.applications import Starlette
-from starlette.responses import StreamingResponse
+from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 PATH = os.environ["CHUNKS_FILE"]
@@ -50,7 +49,11 @@ async def stream(request):
     return StreamingResponse(chunks(size), headers={"Content-Length": length})
 
 
-app = Starlette(routes=[Route("/", stream)])
+async def ready(request):
+    return PlainTextResponse("ok")
+
+
+app = Starlette(routes=[Route("/", stream), Route("/ready", ready)])
 """
 
 
@@ -69,22 +72,12 @@ def app_server(directory: Path, path: Path) -> Iterator[str]:
     """The bare app on a loopback port, streaming ``path``; yields its URL once it answers."""
     (directory / "chunks_app.py").write_text(APP)
     port = free_port()
-    env = os.environ | {"CHUNKS_FILE": str(path)}
     argv = [sys.executable, "-m", "uvicorn", "chunks_app:app", "--host", "127.0.0.1"]
     argv += ["--port", str(port), "--log-level", "warning", "--no-access-log"]
-    process = subprocess.Popen(argv, cwd=directory, env=env)
     base = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 30
-        probe = ["curl", "-sf", "-m", "10", "-o", os.devnull, f"{base}?bytes={1 << 20}"]
-        while subprocess.run(probe, stderr=subprocess.DEVNULL).returncode:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the app did not start")
-            time.sleep(0.2)
+    env = dict(os.environ) | {"CHUNKS_FILE": str(path)}
+    with served(argv, ready_url=base + "ready", env=env, cwd=directory):
         yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def main() -> int:

@@ -138,6 +138,29 @@ def s3_server() -> Iterator[str]:
 
 
 @contextmanager
+def served(
+    argv: list[str], *, ready_url: str, env: dict[str, str], cwd: Path | None = None
+) -> Iterator[None]:
+    """Run the server ``argv`` for the block, entered once ``ready_url`` answers 200."""
+    process = subprocess.Popen(argv, env=env, cwd=cwd)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx2.get(ready_url, timeout=1, trust_env=False).status_code == 200:
+                    break
+            except httpx2.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{' '.join(argv[1:4])} did not start")
+            time.sleep(0.2)
+        yield
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@contextmanager
 def api_process(env: dict[str, str]) -> Iterator[str]:
     """One more API process (uvicorn) with ``env``; yields its base URL once it answers."""
     port = free_port()
@@ -145,26 +168,10 @@ def api_process(env: dict[str, str]) -> Iterator[str]:
     child_env["PYTHONPATH"] = str(ROOT)
     api = next(spec for spec in SERVICES if spec.name == "api")
     assert api.health_path is not None
-    process = subprocess.Popen(
-        [*api.argv(host="127.0.0.1", port=port), "--log-level", "warning"], env=child_env
-    )
     base = f"http://127.0.0.1:{port}"
-    health = base + api.health_path
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx2.get(health, timeout=1, trust_env=False).status_code == 200:
-                    break
-            except httpx2.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the extra API process did not start")
-            time.sleep(0.2)
+    argv = [*api.argv(host="127.0.0.1", port=port), "--log-level", "warning"]
+    with served(argv, ready_url=base + api.health_path, env=child_env):
         yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def on_host(url: str, base: str) -> str:
