@@ -23,38 +23,35 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from downloads import interleaved, sendfile_server, served
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 from shared.devstack.ports import free_port
 
 SIZES_KIB = (256, 1024, 2048, 4096, 8192, 16384)
 
-APP = """
-import os
-from starlette.applications import Starlette
-from starlette.responses import PlainTextResponse, StreamingResponse
-from starlette.routing import Route
 
-PATH = os.environ["CHUNKS_FILE"]
-
-
-def chunks(size):
-    with open(PATH, "rb") as file:
+def chunks(size: int) -> Iterator[bytes]:
+    """The benchmarked file (``CHUNKS_FILE``) in chunks of ``size`` bytes, as the API reads one."""
+    with open(os.environ["CHUNKS_FILE"], "rb") as file:
         while chunk := file.read(size):
             yield chunk
 
 
-async def stream(request):
+async def stream(request: Request) -> Response:
+    length = str(os.path.getsize(os.environ["CHUNKS_FILE"]))
     size = int(request.query_params["bytes"])
-    length = str(os.path.getsize(PATH))
     return StreamingResponse(chunks(size), headers={"Content-Length": length})
 
 
-async def ready(request):
+async def ready(request: Request) -> Response:
     return PlainTextResponse("ok")
 
 
+#: The bare app uvicorn serves (``download_chunks:app``).
 app = Starlette(routes=[Route("/", stream), Route("/ready", ready)])
-"""
 
 
 def fetch(url: str) -> int:
@@ -68,15 +65,14 @@ def fetch(url: str) -> int:
 
 
 @contextmanager
-def app_server(directory: Path, path: Path) -> Iterator[str]:
+def app_server(path: Path) -> Iterator[str]:
     """The bare app on a loopback port, streaming ``path``; yields its URL once it answers."""
-    (directory / "chunks_app.py").write_text(APP)
     port = free_port()
-    argv = [sys.executable, "-m", "uvicorn", "chunks_app:app", "--host", "127.0.0.1"]
+    argv = [sys.executable, "-m", "uvicorn", "download_chunks:app", "--host", "127.0.0.1"]
     argv += ["--port", str(port), "--log-level", "warning", "--no-access-log"]
     base = f"http://127.0.0.1:{port}/"
     env = dict(os.environ) | {"CHUNKS_FILE": str(path)}
-    with served(argv, ready_url=base + "ready", env=env, cwd=directory):
+    with served(argv, ready_url=base + "ready", env=env, cwd=Path(__file__).parent):
         yield base
 
 
@@ -95,7 +91,7 @@ def main() -> int:
                 for _ in range(args.mb):
                     out.write(os.urandom(1_000_000))
         size = path.stat().st_size
-        with sendfile_server(path) as zero_copy, app_server(directory, path) as base:
+        with sendfile_server(path) as zero_copy, app_server(path) as base:
             paths = {"zero-copy server": lambda: fetch(zero_copy)}
             for kib in SIZES_KIB:
                 paths[f"{kib} KiB chunks"] = functools.partial(fetch, f"{base}?bytes={kib * 1024}")
