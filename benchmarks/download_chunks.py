@@ -22,10 +22,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from downloads import interleaved, sendfile_server, served
+from downloads import interleaved, ready, sendfile_server, served
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from shared.devstack.ports import free_port
@@ -44,10 +44,6 @@ async def stream(request: Request) -> Response:
     length = str(os.path.getsize(os.environ["CHUNKS_FILE"]))
     size = int(request.query_params["bytes"])
     return StreamingResponse(chunks(size), headers={"Content-Length": length})
-
-
-async def ready(request: Request) -> Response:
-    return PlainTextResponse("ok")
 
 
 #: The bare app uvicorn serves (``download_chunks:app``).

@@ -16,11 +16,15 @@ A client always downloads over a socket, so each path is timed with the same cli
   directly from storage with a presigned URL, against a second API process on the same database
   and S3 storage that (c) streams the object (``EXPORT_DOWNLOAD_REDIRECT_SECONDS=0``) and (d)
   answers ``302`` to a presigned URL (``=60``; the same curl process follows it to
-  storage, as a browser does; the 302 alone is timed too).
+  storage, as a browser does; the 302 alone is timed too), and (e) a bare Starlette app under
+  uvicorn (``relay_app``) that streams the object as the API does and does nothing else: no
+  link, no caller, no audit row. (c) against (e) is what the API's checks cost a streamed
+  download; (e) against the direct read is the ceiling of any relay in the API's server.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -37,13 +41,21 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 from shared.devstack.ports import free_port
 from shared.devstack.services import SERVICES
-from shared.storage import storage_from_url
+from shared.storage import Storage, storage_from_url
 from shared.storage.local import LocalStorage
 
 ROOT = Path(__file__).resolve().parent.parent
+
+#: How the API runs (its uvicorn command line).
+API = next(spec for spec in SERVICES if spec.name == "api")
 
 #: Keys of the S3 test server (any non-empty pair works with moto).
 S3_KEYS = ("bench-access", "bench-secret-key-0123456789")
@@ -160,17 +172,58 @@ def served(
         process.wait(timeout=30)
 
 
+@functools.cache
+def relayed_storage() -> Storage:
+    """The storage ``relay_app`` reads (``RELAY_STORAGE_URL``): one client, as the API keeps."""
+    return storage_from_url(os.environ["RELAY_STORAGE_URL"])
+
+
+async def relayed(request: Request) -> Response:
+    """The object ``RELAY_KEY`` (``RELAY_SIZE`` bytes) streamed as the API streams a download:
+    the storage adapter's chunks, opened in the thread pool; nothing else."""
+    key = os.environ["RELAY_KEY"]
+    chunks = await run_in_threadpool(relayed_storage().open, key)
+    headers = {"Content-Length": os.environ["RELAY_SIZE"]}
+    return StreamingResponse(chunks, media_type="text/csv", headers=headers)
+
+
+async def ready(request: Request) -> Response:
+    """200 once the server runs (what ``served`` waits for)."""
+    return PlainTextResponse("ok")
+
+
+#: The bare relay uvicorn serves (``downloads:relay_app``).
+relay_app = Starlette(routes=[Route("/", relayed), Route("/ready", ready)])
+
+
+@contextmanager
+def bare_relay(storage_url: str, key: str, size: int) -> Iterator[str]:
+    """``relay_app`` on a loopback port, run as the API runs; yields its URL once it answers."""
+    port = free_port()
+    flags = [arg for arg in API.args if arg.startswith("--no-")]  # the API's server options
+    argv = [sys.executable, "-m", "uvicorn", "downloads:relay_app", "--host", "127.0.0.1"]
+    argv += ["--port", str(port), "--log-level", "warning", *flags]
+    env = dict(os.environ) | {
+        "PYTHONPATH": str(ROOT),
+        "RELAY_STORAGE_URL": storage_url,
+        "RELAY_KEY": key,
+        "RELAY_SIZE": str(size),
+    }
+    base = f"http://127.0.0.1:{port}/"
+    with served(argv, ready_url=base + "ready", env=env, cwd=Path(__file__).parent):
+        yield base
+
+
 @contextmanager
 def api_process(env: dict[str, str]) -> Iterator[str]:
     """One more API process (uvicorn) with ``env``; yields its base URL once it answers."""
     port = free_port()
     child_env = {k: v for k, v in os.environ.items() if k != "METRICS_PORT"} | env
     child_env["PYTHONPATH"] = str(ROOT)
-    api = next(spec for spec in SERVICES if spec.name == "api")
-    assert api.health_path is not None
+    assert API.health_path is not None
     base = f"http://127.0.0.1:{port}"
-    argv = [*api.argv(host="127.0.0.1", port=port), "--log-level", "warning"]
-    with served(argv, ready_url=base + api.health_path, env=child_env):
+    argv = [*API.argv(host="127.0.0.1", port=port), "--log-level", "warning"]
+    with served(argv, ready_url=base + API.health_path, env=child_env):
         yield base
 
 
@@ -219,22 +272,27 @@ def measure(
             key, expires_seconds=3600, filename="bench.csv", content_type="text/csv"
         )
         assert direct is not None
-        paths: dict[str, Callable[[], int]] = {
-            "download_api_seconds": lambda: through(download_url),
-            "download_storage_seconds": lambda: sum(len(chunk) for chunk in local.open(key)),
-            "download_zero_copy_http_seconds": lambda: curl(zero_copy)[0],
-            "download_s3_direct_seconds": lambda: curl(direct)[0],
-            "download_s3_api_stream_seconds": lambda: through(on_host(download_url, s3_streaming)),
-            "download_s3_api_redirect_seconds": lambda: redirected(
-                on_host(download_url, s3_redirecting)
-            ),
-            # the 302 alone: what the API adds to a redirected download (checks, audit row)
-            "download_s3_api_redirect_answer_seconds": lambda: (
-                size if curl(on_host(download_url, s3_redirecting), token=token)[1] else 0
-            ),
-        }
-        medians, rounds = interleaved(paths, max(runs, MIN_ROUNDS), size)
-        return medians | {"download_rounds": rounds}
+        with bare_relay(s3_url, key, size) as relay:
+            paths: dict[str, Callable[[], int]] = {
+                "download_api_seconds": lambda: through(download_url),
+                "download_storage_seconds": lambda: sum(len(chunk) for chunk in local.open(key)),
+                "download_zero_copy_http_seconds": lambda: curl(zero_copy)[0],
+                "download_s3_direct_seconds": lambda: curl(direct)[0],
+                "download_s3_api_stream_seconds": lambda: through(
+                    on_host(download_url, s3_streaming)
+                ),
+                # the same bytes through a relay that checks nothing (the API's server, no API)
+                "download_s3_bare_relay_seconds": lambda: curl(relay)[0],
+                "download_s3_api_redirect_seconds": lambda: redirected(
+                    on_host(download_url, s3_redirecting)
+                ),
+                # the 302 alone: what the API adds to a redirected download (checks, audit row)
+                "download_s3_api_redirect_answer_seconds": lambda: (
+                    size if curl(on_host(download_url, s3_redirecting), token=token)[1] else 0
+                ),
+            }
+            medians, rounds = interleaved(paths, max(runs, MIN_ROUNDS), size)
+            return medians | {"download_rounds": rounds}
 
 
 def summarize(r: dict[str, Any], size: int) -> dict[str, float]:
@@ -252,6 +310,10 @@ def summarize(r: dict[str, Any], size: int) -> dict[str, float]:
         "download_s3_api_redirect_mb_per_s": mb / r["download_s3_api_redirect_seconds"],
         "ratio_download_s3_stream_to_direct": s3_direct / r["download_s3_api_stream_seconds"],
         "ratio_download_s3_redirect_to_direct": s3_direct / r["download_s3_api_redirect_seconds"],
+        "ratio_download_s3_bare_relay_to_direct": s3_direct / r["download_s3_bare_relay_seconds"],
+        "ratio_download_s3_stream_to_bare_relay": (
+            r["download_s3_bare_relay_seconds"] / r["download_s3_api_stream_seconds"]
+        ),
         "download_s3_redirect_answer_ms": 1000 * r["download_s3_api_redirect_answer_seconds"],
     }
 
