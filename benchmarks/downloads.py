@@ -102,34 +102,44 @@ def interleaved(
 
 
 @contextmanager
-def sendfile_server(path: Path) -> Iterator[str]:
-    """A minimal HTTP/1.1 server on loopback that answers every GET with ``path`` by sendfile."""
-    size = path.stat().st_size
+def loopback_server(handle: Callable[[socket.socket], None]) -> Iterator[int]:
+    """A server on a loopback port that gives each connection to ``handle`` in a thread of its
+    own (which closes it); yields the port."""
     listener = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
 
     def serve() -> None:
-        while not stop.is_set():
+        while True:
             try:
                 conn, _ = listener.accept()
-            except OSError:
+            except OSError:  # closed: the block ended
                 return
-            with conn, path.open("rb") as file:
-                conn.recv(65536)
-                head = f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n"
-                conn.sendall(head.encode())
-                offset = 0
-                while offset < size:
-                    offset += os.sendfile(conn.fileno(), file.fileno(), offset, size - offset)
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}/file"
+        yield listener.getsockname()[1]
     finally:
-        stop.set()
         listener.close()
         thread.join(timeout=10)
+
+
+@contextmanager
+def sendfile_server(path: Path) -> Iterator[str]:
+    """A minimal HTTP/1.1 server on loopback that answers every GET with ``path`` by sendfile."""
+    size = path.stat().st_size
+
+    def send(conn: socket.socket) -> None:
+        with conn, path.open("rb") as file:
+            conn.recv(65536)
+            head = f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n"
+            conn.sendall(head.encode())
+            offset = 0
+            while offset < size:
+                offset += os.sendfile(conn.fileno(), file.fileno(), offset, size - offset)
+
+    with loopback_server(send) as port:
+        yield f"http://127.0.0.1:{port}/file"
 
 
 @contextmanager
@@ -170,6 +180,18 @@ def served(
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def stored(storage_url: str, key: str, path: Path) -> str:
+    """Store the file ``path`` as ``key`` in S3 storage; a presigned GET of it, valid an hour."""
+    storage = storage_from_url(storage_url)
+    with path.open("rb") as file:
+        storage.put(key, file)
+    url = storage.presigned_get(
+        key, expires_seconds=3600, filename=path.name, content_type="text/csv"
+    )
+    assert url is not None, "S3 storage presigns"
+    return url
 
 
 @functools.cache
@@ -265,13 +287,7 @@ def measure(
             env | {"STORAGE_URL": s3_url, "EXPORT_DOWNLOAD_REDIRECT_SECONDS": "60"}
         ) as s3_redirecting,
     ):
-        s3 = storage_from_url(s3_url)
-        with path.open("rb") as file:
-            s3.put(key, file)
-        direct = s3.presigned_get(
-            key, expires_seconds=3600, filename="bench.csv", content_type="text/csv"
-        )
-        assert direct is not None
+        direct = stored(s3_url, key, path)
         with bare_relay(s3_url, key, size) as relay:
             paths: dict[str, Callable[[], int]] = {
                 "download_api_seconds": lambda: through(download_url),

@@ -28,15 +28,12 @@ import os
 import socket
 import sys
 import tempfile
-import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from downloads import bare_relay, curl, interleaved, s3_server
-
-from shared.storage import storage_from_url
+from downloads import bare_relay, curl, interleaved, loopback_server, s3_server, stored
 
 #: What the socket relay copies at a time.
 BUFFER_BYTES = 4 * 1024 * 1024
@@ -58,23 +55,8 @@ def relay_one(client: socket.socket, url: urllib.parse.SplitResult) -> None:
 def socket_relay(url: str) -> Iterator[str]:
     """The plain socket relay of ``url`` on a loopback port; yields its URL."""
     parts = urllib.parse.urlsplit(url)
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def serve() -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:  # closed: the block ended
-                return
-            threading.Thread(target=relay_one, args=(client, parts), daemon=True).start()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}/object"
-    finally:
-        listener.close()
-        thread.join(timeout=10)
+    with loopback_server(functools.partial(relay_one, url=parts)) as port:
+        yield f"http://127.0.0.1:{port}/object"
 
 
 def fetch(url: str) -> int:
@@ -94,13 +76,7 @@ def main() -> int:
         with path.open("wb") as out:
             for _ in range(args.mb):
                 out.write(os.urandom(1_000_000))
-        storage = storage_from_url(storage_url)
-        with path.open("rb") as source:
-            storage.put(key, source)
-        direct = storage.presigned_get(
-            key, expires_seconds=3600, filename="object.bin", content_type="text/csv"
-        )
-        assert direct is not None
+        direct = stored(storage_url, key, path)
         with bare_relay(storage_url, key, size) as app, socket_relay(direct) as plain:
             paths: dict[str, Callable[[], int]] = {
                 "direct": functools.partial(fetch, direct),
