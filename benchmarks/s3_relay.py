@@ -1,4 +1,4 @@
-"""How fast can anything relay an object from S3 storage, next to reading it directly?
+"""How fast do relays of an object from S3 storage run, next to reading it directly?
 
 The API streams a download from S3 storage (``EXPORT_DOWNLOAD_REDIRECT_SECONDS=0``) by reading
 the object and writing it to the client. This puts the relay alone, without the API, beside the
@@ -8,9 +8,10 @@ rounds:
 - directly, with a presigned GET;
 - through ``downloads.relay_app``: a bare Starlette app under uvicorn (the API's server) that
   streams the object with the storage adapter, as the API does, and checks nothing;
-- through a plain socket relay: a thread per request that copies the storage's answer to the
-  client with ``recv_into`` a reused 4 MiB buffer and ``sendall``. No event loop and no ASGI:
-  the least a Python relay can do, which an API served by an ASGI server cannot do.
+- through a plain socket relay: a thread (in this process, beside moto) per request that sends
+  the presigned GET and copies storage's whole answer to the client with ``recv_into`` a reused
+  4 MiB buffer and ``sendall``: no event loop, no ASGI server, no HTTP parsing, no signing. About
+  the least a Python relay can do; an app behind an ASGI server never holds the sockets.
 
 ::
 
@@ -37,11 +38,15 @@ from downloads import bare_relay, curl, interleaved, loopback_server, s3_server,
 
 #: What the socket relay copies at a time.
 BUFFER_BYTES = 4 * 1024 * 1024
+#: How long the socket relay waits on either socket before it gives up.
+TIMEOUT_SECONDS = 60
 
 
 def relay_one(client: socket.socket, url: urllib.parse.SplitResult) -> None:
     """Answer one request on ``client`` with the storage's whole answer to a GET of ``url``."""
-    with client, socket.create_connection((url.hostname, url.port or 80)) as upstream:
+    address = (url.hostname, url.port or 80)
+    with client, socket.create_connection(address, timeout=TIMEOUT_SECONDS) as upstream:
+        client.settimeout(TIMEOUT_SECONDS)
         client.recv(65536)  # the request: every request gets the one object
         request = f"GET {url.path}?{url.query} HTTP/1.1\r\nHost: {url.netloc}\r\n"
         upstream.sendall(f"{request}Connection: close\r\n\r\n".encode())
