@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from collections.abc import Generator, Iterator
@@ -99,7 +100,7 @@ class LocalStorage(Storage):
         local directory has no lifecycle rule to sweep it)."""
         path = self._path(key)
         try:
-            for temp in path.parent.glob(f".{path.name}.*{TEMP_SUFFIX}"):
+            for temp in _temps_of(path):
                 temp.unlink(missing_ok=True)
             path.unlink(missing_ok=True)
         except OSError as exc:
@@ -158,6 +159,16 @@ def _sync(fd: int) -> None:
         os.fsync(fd)
     except OSError as exc:
         raise StorageError("cannot write to the storage directory") from exc
+
+
+def _temps_of(path: Path) -> Iterator[Path]:
+    """The temporary files of ``put``s of ``path`` (``.<name>.<random>.part``), never those of a
+    sibling key such as ``<name>.gz`` (``.<name>.gz.<random>.part``): mkstemp's random part has
+    no dot."""
+    prefix = f".{path.name}."
+    for temp in path.parent.glob(f"{glob.escape(prefix)}*{TEMP_SUFFIX}"):
+        if "." not in temp.name[len(prefix) : -len(TEMP_SUFFIX)]:
+            yield temp
 
 
 def _rename(temp: Path, path: Path) -> None:

@@ -11,9 +11,10 @@ import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -383,6 +384,54 @@ def test_local_delete_also_removes_what_a_killed_writer_left(tmp_path: Path) -> 
     LocalStorage(root=root).delete(key)
     # Then nothing of it is left
     assert [p for p in root.rglob("*") if p.is_file()] == []
+
+
+class _Paused(io.RawIOBase):
+    """A stream that hands out one block, then waits for ``go`` before it ends."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.go = threading.Event()
+        self._sent = False
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if not self._sent:
+            self._sent = True
+            self.started.set()
+            return b"a,b\n" * 1024
+        assert self.go.wait(timeout=30), "never released"
+        return b""
+
+
+def test_local_delete_leaves_a_sibling_keys_write_in_progress_alone(tmp_path: Path) -> None:
+    # Given a put of "<name>.gz" under way (its temp file is ".<name>.gz.<random>.part")
+    storage = LocalStorage(root=tmp_path / "objects")
+    key = _key()
+    stream = _Paused()
+    outcome: list[object] = []
+    writer = threading.Thread(
+        target=lambda: outcome.append(_try(lambda: storage.put(key + ".gz", stream)))
+    )
+    writer.start()
+    assert stream.started.wait(timeout=30)
+    # When the key "<name>" is deleted while that write goes on
+    storage.delete(key)
+    stream.go.set()
+    writer.join(timeout=30)
+    # Then the sibling's write completes and its object is stored whole
+    assert outcome == [4096]
+    assert b"".join(storage.open(key + ".gz")) == b"a,b\n" * 1024
+
+
+def _try(call: Callable[[], object]) -> object:
+    """What ``call`` returns, or the exception it raised."""
+    try:
+        return call()
+    except Exception as exc:
+        return exc
 
 
 def test_a_missing_object_raises_storage_error(storage: Storage) -> None:
