@@ -3,6 +3,7 @@ command to run first, and every ``orders-export exports`` command they show pars
 
 from __future__ import annotations
 
+import argparse
 import re
 import shlex
 import uuid
@@ -60,3 +61,42 @@ def test_documented_commands_parse(command: str) -> None:
     words = [PLACEHOLDERS.get(word, word) for word in shlex.split(command)]
     args = build_parser().parse_args(words[1:])
     assert args.command == "exports" and callable(args.handler)
+
+
+def parser_commands() -> dict[str, set[str]]:
+    """Every command of the parser (``"tokens create"``) and its long options."""
+    found: dict[str, set[str]] = {}
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subparsers:
+            options = {o for a in parser._actions for o in a.option_strings if o.startswith("--")}
+            found[path] = options - {"--help"}
+            return
+        for name, sub in subparsers[0].choices.items():
+            walk(sub, f"{path} {name}".strip())
+
+    walk(build_parser(), "")
+    return found
+
+
+def documented_commands(path: Path, heading: str) -> dict[str, set[str]]:
+    """The commands of the code block under ``heading`` in ``path``, with the options shown."""
+    block = re.search(rf"^## {heading}\n+```\n(.*?)```", path.read_text(), flags=re.M | re.S)
+    assert block, f"{path.name} has no command block under '## {heading}'"
+    known = parser_commands()
+    found: dict[str, set[str]] = {}
+    for line in block.group(1).splitlines():
+        words = line.split()[1:]
+        name = next((" ".join(words[:n]) for n in (2, 1) if " ".join(words[:n]) in known), line)
+        found[name] = set(re.findall(r"--[a-z][a-z-]*", line))
+    return found
+
+
+@pytest.mark.parametrize(
+    ("doc", "heading"), [("docs/cli.md", "Commands"), ("README.md", "Command line")]
+)
+def test_the_command_lists_show_every_command_and_option_the_parser_has(
+    doc: str, heading: str
+) -> None:
+    assert documented_commands(ROOT / doc, heading) == parser_commands()
