@@ -156,8 +156,8 @@ async def request_export(request: Request) -> Response:
     return await run_in_threadpool(_request_export, request, caller, form)
 
 
-def _act(request: Request, caller: Caller | None, action: str, form: FormData) -> Response:
-    """The form's action; ``caller`` None: identified here (the form was read first)."""
+def _act(request: Request, caller: Caller, action: str, form: FormData) -> Response:
+    """The form's action by ``caller`` (identified before the form was read)."""
     export_id = request.path_params["export_id"]
     target = form.get("next")
     back = safe_next(target if isinstance(target, str) else None)
@@ -199,7 +199,5 @@ async def confirm_delete_file(request: Request) -> Response:
 
 
 async def delete_file(request: Request) -> Response:
-    """``POST /exports/{id}/delete-file``: the confirmed Delete file, then back to the page (the
-    form is read first: logged out meanwhile, its ``next`` is where the login leads back to)."""
-    form = await request.form()
-    return await run_in_threadpool(_act, request, None, "delete_file", form)
+    """``POST /exports/{id}/delete-file``: the confirmed Delete file, then back to the page."""
+    return await _form_action(request, "delete_file")
