@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import json
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -75,8 +75,6 @@ def test_a_lying_or_missing_content_length_is_caught_while_reading(
 
     assert_body_too_large(client.post(EXPORTS, content=chunks(), headers=bearer(population)))
     # Content-Length claims 10 bytes; the body is bigger. Sent as a raw ASGI request.
-    app = client.app
-    sent: list[dict[str, Any]] = []
     parts = [b"{" + b" " * 1024 for _ in range(4)]
 
     async def receive() -> dict[str, Any]:
@@ -84,31 +82,12 @@ def test_a_lying_or_missing_content_length_is_caught_while_reading(
             return {"type": "http.request", "body": parts.pop(), "more_body": bool(parts)}
         return {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": EXPORTS,
-        "raw_path": EXPORTS.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
-            (b"host", b"127.0.0.1"),
-            (b"content-length", b"10"),
-            (b"content-type", b"application/json"),
-            (b"authorization", bearer(population)["Authorization"].encode()),
-        ],
-        "client": ("127.0.0.1", 1234),
-        "server": ("127.0.0.1", 80),
+    headers = {
+        "content-length": "10",
+        "content-type": "application/json",
+        "authorization": bearer(population)["Authorization"],
     }
-    # A thread of its own: the browser tests' Playwright may own this thread's event loop.
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pool.submit(anyio.run, app, scope, receive, send).result()
+    sent = raw_request(client.app, "POST", EXPORTS, headers, receive)
     start = next(m for m in sent if m["type"] == "http.response.start")
     assert start["status"] == 413
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
@@ -131,16 +110,15 @@ def test_unauthenticated_bodies_are_not_parsed(client: TestClient) -> None:
     assert response.status_code in (401, 303), response.text
 
 
-def _anonymous_write(app: Any, method: str, path: str) -> tuple[int, int]:
-    """A raw ASGI ``method path`` with a form body and no credentials: (status, how many times
-    the app asked for the body)."""
-    asked = 0
+def raw_request(
+    app: Any,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    receive: Callable[[], Awaitable[dict[str, Any]]],
+) -> list[dict[str, Any]]:
+    """Run one raw ASGI request (the body is whatever ``receive`` hands out); what the app sent."""
     sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        nonlocal asked
-        asked += 1
-        return {"type": "http.request", "body": b"next=%2F&csrf_token=x", "more_body": False}
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
@@ -155,17 +133,29 @@ def _anonymous_write(app: Any, method: str, path: str) -> tuple[int, int]:
         "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
-        "headers": [
-            (b"host", b"127.0.0.1"),
-            (b"content-length", b"21"),
-            (b"content-type", b"application/x-www-form-urlencoded"),
-        ],
+        "headers": [(b"host", b"127.0.0.1")]
+        + [(name.encode(), value.encode()) for name, value in headers.items()],
         "client": ("127.0.0.1", 1234),
         "server": ("127.0.0.1", 80),
     }
     # A thread of its own: the browser tests' Playwright may own this thread's event loop.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pool.submit(anyio.run, app, scope, receive, send).result()
+    return sent
+
+
+def _anonymous_write(app: Any, method: str, path: str) -> tuple[int, int]:
+    """A raw ASGI ``method path`` with a form body and no credentials: (status, how many times
+    the app asked for the body)."""
+    asked = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal asked
+        asked += 1
+        return {"type": "http.request", "body": b"next=%2F&csrf_token=x", "more_body": False}
+
+    form = {"content-length": "21", "content-type": "application/x-www-form-urlencoded"}
+    sent = raw_request(app, method, path, form, receive)
     start = next(m for m in sent if m["type"] == "http.response.start")
     return start["status"], asked
 
