@@ -15,20 +15,17 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
-from downloads import interleaved, ready, sendfile_server, served
+from downloads import bare_app, fetch, interleaved, random_file, ready, sendfile_server
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
-
-from shared.devstack.ports import free_port
 
 SIZES_KIB = (256, 1024, 2048, 4096, 8192, 16384)
 
@@ -50,26 +47,9 @@ async def stream(request: Request) -> Response:
 app = Starlette(routes=[Route("/", stream), Route("/ready", ready)])
 
 
-def fetch(url: str) -> int:
-    out = subprocess.run(
-        ["curl", "-sS", "-o", os.devnull, "-w", "%{size_download}", url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return int(out)
-
-
-@contextmanager
-def app_server(path: Path) -> Iterator[str]:
-    """The bare app on a loopback port, streaming ``path``; yields its URL once it answers."""
-    port = free_port()
-    argv = [sys.executable, "-m", "uvicorn", "download_chunks:app", "--host", "127.0.0.1"]
-    argv += ["--port", str(port), "--log-level", "warning", "--no-access-log"]
-    base = f"http://127.0.0.1:{port}/"
-    env = dict(os.environ) | {"CHUNKS_FILE": str(path)}
-    with served(argv, ready_url=base + "ready", env=env, cwd=Path(__file__).parent):
-        yield base
+def app_server(path: Path) -> AbstractContextManager[str]:
+    """The bare app streaming ``path``; its URL once it answers."""
+    return bare_app("download_chunks:app", {"CHUNKS_FILE": str(path)})
 
 
 def main() -> int:
@@ -80,12 +60,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="download-chunks-") as tmp:
         directory = Path(tmp)
-        path = args.file
-        if path is None:
-            path = directory / "file.bin"
-            with path.open("wb") as out:
-                for _ in range(args.mb):
-                    out.write(os.urandom(1_000_000))
+        path = args.file or random_file(directory / "file.bin", args.mb)
         size = path.stat().st_size
         with sendfile_server(path) as zero_copy, app_server(path) as base:
             paths = {"zero-copy server": lambda: fetch(zero_copy)}

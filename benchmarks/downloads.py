@@ -37,7 +37,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,19 @@ def curl(url: str, *, token: str | None = None, follow: bool = False) -> tuple[i
     if code not in {"200", "302"}:
         raise RuntimeError(f"GET {url} answered {code}")
     return int(size), "".join(location).strip(), int(redirects)
+
+
+def fetch(url: str) -> int:
+    """Bytes curl received from a GET of ``url`` (an error answer raises)."""
+    return curl(url)[0]
+
+
+def random_file(path: Path, mb: int) -> Path:
+    """``path`` filled with ``mb`` MB of random bytes (incompressible, nothing cached)."""
+    with path.open("wb") as out:
+        for _ in range(mb):
+            out.write(os.urandom(1_000_000))
+    return path
 
 
 #: Fewest interleaved rounds of the download paths: a 500k file downloads in 20-60 ms, so with
@@ -221,21 +234,24 @@ relay_app = Starlette(routes=[Route("/", relayed), Route("/ready", ready)])
 
 
 @contextmanager
-def bare_relay(storage_url: str, key: str, size: int) -> Iterator[str]:
-    """``relay_app`` on a loopback port, run as the API runs; yields its URL once it answers."""
+def bare_app(target: str, env: dict[str, str]) -> Iterator[str]:
+    """The app ``target`` (``module:app`` of benchmarks/, with a ``/ready`` route) under uvicorn
+    on a loopback port, with the API's server switches and ``env`` added to this process's;
+    yields its base URL once it answers."""
     port = free_port()
     flags = [arg for arg in API.args if arg.startswith("--no-")]  # the API's server options
-    argv = [sys.executable, "-m", "uvicorn", "downloads:relay_app", "--host", "127.0.0.1"]
+    argv = [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1"]
     argv += ["--port", str(port), "--log-level", "warning", *flags]
-    env = dict(os.environ) | {
-        "PYTHONPATH": str(ROOT),
-        "RELAY_STORAGE_URL": storage_url,
-        "RELAY_KEY": key,
-        "RELAY_SIZE": str(size),
-    }
     base = f"http://127.0.0.1:{port}/"
-    with served(argv, ready_url=base + "ready", env=env, cwd=Path(__file__).parent):
+    child_env = dict(os.environ) | {"PYTHONPATH": str(ROOT)} | env
+    with served(argv, ready_url=base + "ready", env=child_env, cwd=Path(__file__).parent):
         yield base
+
+
+def bare_relay(storage_url: str, key: str, size: int) -> AbstractContextManager[str]:
+    """``relay_app`` streaming ``key`` of ``storage_url``; its URL once it answers."""
+    env = {"RELAY_STORAGE_URL": storage_url, "RELAY_KEY": key, "RELAY_SIZE": str(size)}
+    return bare_app("downloads:relay_app", env)
 
 
 @contextmanager
@@ -294,13 +310,13 @@ def measure(
             paths: dict[str, Callable[[], int]] = {
                 "download_api_seconds": lambda: through(download_url),
                 "download_storage_seconds": lambda: sum(len(chunk) for chunk in local.open(key)),
-                "download_zero_copy_http_seconds": lambda: curl(zero_copy)[0],
-                "download_s3_direct_seconds": lambda: curl(direct)[0],
+                "download_zero_copy_http_seconds": lambda: fetch(zero_copy),
+                "download_s3_direct_seconds": lambda: fetch(direct),
                 "download_s3_api_stream_seconds": lambda: through(
                     on_host(download_url, s3_streaming)
                 ),
                 # the same bytes through a relay that checks nothing (the API's server, no API)
-                "download_s3_bare_relay_seconds": lambda: curl(relay)[0],
+                "download_s3_bare_relay_seconds": lambda: fetch(relay),
                 "download_s3_api_redirect_seconds": lambda: redirected(
                     on_host(download_url, s3_redirecting)
                 ),

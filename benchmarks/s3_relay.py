@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import socket
 import sys
 import tempfile
@@ -34,7 +33,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from downloads import bare_relay, curl, interleaved, loopback_server, s3_server, stored
+from downloads import (
+    bare_relay,
+    fetch,
+    interleaved,
+    loopback_server,
+    random_file,
+    s3_server,
+    stored,
+)
 
 #: What the socket relay copies at a time.
 BUFFER_BYTES = 4 * 1024 * 1024
@@ -64,11 +71,6 @@ def socket_relay(url: str) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}/object"
 
 
-def fetch(url: str) -> int:
-    """Bytes curl received from ``url``."""
-    return curl(url)[0]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=int, default=58, help="size of the object (MB)")
@@ -77,11 +79,7 @@ def main() -> int:
     size = args.mb * 1_000_000
     key = "bench/object.bin"
     with tempfile.TemporaryDirectory(prefix="s3-relay-") as tmp, s3_server() as storage_url:
-        path = Path(tmp) / "object.bin"
-        with path.open("wb") as out:
-            for _ in range(args.mb):
-                out.write(os.urandom(1_000_000))
-        direct = stored(storage_url, key, path)
+        direct = stored(storage_url, key, random_file(Path(tmp) / "object.bin", args.mb))
         with bare_relay(storage_url, key, size) as app, socket_relay(direct) as plain:
             paths: dict[str, Callable[[], int]] = {
                 "direct": functools.partial(fetch, direct),
